@@ -59,7 +59,9 @@ class ContainerSpec:
 
     ``cmd`` of ``None`` keeps the image's own CMD. ``network`` is ``"none"`` or ``"host"``.
     ``memory`` is in bytes, ``nano_cpus`` in billionths of a CPU, ``pids_limit`` a count; ``None``
-    means no limit. ``stop_timeout`` is in seconds. ``log_driver`` of ``None`` keeps the engine's
+    means no limit. With ``stdin_once`` the container's stdin closes when an attachment closes
+    its stdin (``IAttachment.close_stdin``) or goes away; without it, stdin stays open for the next
+    attachment. ``stop_timeout`` is in seconds. ``log_driver`` of ``None`` keeps the engine's
     default.
     """
 
@@ -69,6 +71,7 @@ class ContainerSpec:
     labels: Mapping[str, str] = attrs.field(factory=dict)
     tty: bool = False
     open_stdin: bool = False
+    stdin_once: bool = False
     network: str = "none"
     memory: int | None = None
     nano_cpus: int | None = None
@@ -144,7 +147,10 @@ class IAttachment(Interface):
         """Send bytes to the container's stdin (only when attached with ``stdin=True``)."""
 
     def close_stdin() -> None:
-        """Half-close: the container reads end-of-file on stdin. The output keeps flowing."""
+        """
+        Half-close: a container created with ``stdin_once`` reads end-of-file on stdin (others keep
+        their stdin open). The output keeps flowing.
+        """
 
     def close() -> None:
         """Drop the attachment; the protocol's ``connectionLost`` follows."""
