@@ -66,6 +66,8 @@ class ImagePuller:
         def finished(result: Any) -> None:
             del self._pulls[reference]
             for waiter in waiters:
+                if waiter.called:  # this waiter was cancelled
+                    continue
                 if isinstance(result, Failure):
                     waiter.errback(result)
                 else:

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from flynnsched.http.errors import write_json
 
@@ -32,10 +32,10 @@ class _NotFound(Resource):
 
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> object:
         path = request.path.decode("utf-8", "replace")
         write_json(request, 404, {"error": f"no such resource: {path}"})
-        return b""
+        return NOT_DONE_YET
 
 
 class Root(Resource):
@@ -44,7 +44,7 @@ class Root(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> object:
         write_json(
             request,
             200,
@@ -53,7 +53,7 @@ class Root(Resource):
                 "endpoints": sorted("/" + k.decode() for k in self.children if k),
             },
         )
-        return b""
+        return NOT_DONE_YET
 
 
 def build_root(components: Components) -> Resource:

@@ -1,0 +1,177 @@
+"""
+Batch jobs: one-off containers whose output streams to a consumer while they run.
+
+``BatchRunner.run`` admits a job (a bounded number run at once, a bounded queue waits), makes sure
+its image is there, creates the container, attaches before starting it, streams its output to a
+``BatchSink`` with the consumer's flow control, and always removes the container at the end —
+also when the consumer goes away and the run is cancelled.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Protocol as TypingProtocol
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from flynnsched.docker.images import ImagePuller
+from flynnsched.docker.interface import (
+    LABEL_JOB_ID,
+    LABEL_JOB_TYPE,
+    LABEL_MANAGED,
+    ContainerSpec,
+    EngineError,
+    IDockerEngine,
+    NoSuchContainer,
+)
+from flynnsched.docker.mux import Demultiplexer, MuxProtocolError
+
+log = Logger()
+
+
+class QueueFull(Exception):
+    """Too many batch jobs are running and waiting already."""
+
+
+class StartFailed(Exception):
+    """The engine could not start the job's command (missing executable, bad arguments)."""
+
+
+class BatchSink(TypingProtocol):
+    """Where a batch job's output goes."""
+
+    def attached(self, producer: IPushProducer) -> None:
+        """The container's output is attached; ``producer`` pauses and resumes it."""
+
+    def started(self, job_id: str) -> None:
+        """The container runs: what follows is the job's output."""
+
+    def output(self, stream: int, data: bytes) -> None:
+        """A piece of output on ``stream`` (1 stdout, 2 stderr)."""
+
+
+@attrs.frozen
+class BatchConfig:
+    """
+    How batch jobs run: at most ``max_running`` at once with ``max_queued`` waiting, in the
+    ``network`` given, with ``log_driver`` for the engine's own copy of the output (``none`` by
+    default: the output streams to the client, and the container is removed after).
+    """
+
+    max_running: int = 16
+    max_queued: int = 256
+    network: str = "none"
+    log_driver: str | None = "none"
+
+
+class _OutputProtocol(Protocol):
+    """Demultiplexes the attached stream into the sink; ``ended`` fires at its end."""
+
+    def __init__(self, sink: BatchSink) -> None:
+        self._sink = sink
+        self._demux = Demultiplexer()
+        self.ended: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            pieces = self._demux.feed(data)
+        except MuxProtocolError as e:
+            for stream, piece in e.pieces:
+                self._sink.output(stream, piece)
+            log.error("batch output is not a multiplexed stream: {error}", error=str(e))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        for stream, piece in pieces:
+            self._sink.output(stream, piece)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if not self.ended.called:
+            self.ended.callback(None)
+
+
+class BatchRunner:
+    """Runs batch jobs on ``engine``."""
+
+    def __init__(self, engine: IDockerEngine, puller: ImagePuller, config: BatchConfig = BatchConfig()) -> None:
+        self._engine = engine
+        self._puller = puller
+        self.config = config
+        self._slots = DeferredSemaphore(config.max_running)
+        self.running: dict[str, str] = {}
+
+    @property
+    def queued(self) -> int:
+        """How many jobs wait for a slot."""
+        return len(self._slots.waiting)
+
+    def new_job_id(self) -> str:
+        return uuid.uuid4().hex
+
+    async def run(self, image: str, cmd: tuple[str, ...] | None, sink: BatchSink, job_id: str | None = None) -> int:
+        """
+        Run one job to its end and return its exit code.
+
+        Fails before ``sink.started`` with ``QueueFull``, ``ImageNotFound``, ``StartFailed`` or the
+        engine's errors; cancelling the returned coroutine's Deferred kills and removes the container.
+        """
+        if self._slots.tokens == 0 and len(self._slots.waiting) >= self.config.max_queued:
+            raise QueueFull(
+                f"{self.config.max_running} batch jobs are running and {self.queued} are waiting"
+            )
+        job_id = job_id or self.new_job_id()
+        await self._slots.acquire()
+        try:
+            return await self._run(job_id, image, cmd, sink)
+        finally:
+            self._slots.release()
+
+    async def _run(self, job_id: str, image: str, cmd: tuple[str, ...] | None, sink: BatchSink) -> int:
+        await self._puller.ensure(image)
+        spec = ContainerSpec(
+            image=image,
+            cmd=cmd,
+            labels={LABEL_MANAGED: "1", LABEL_JOB_ID: job_id, LABEL_JOB_TYPE: "batch"},
+            network=self.config.network,
+            log_driver=self.config.log_driver,
+        )
+        container_id = await self._engine.create_container(spec)
+        self.running[job_id] = container_id
+        log.info("batch job {job_id} created container {container_id}", job_id=job_id, container_id=container_id)
+        try:
+            output = _OutputProtocol(sink)
+            sink.attached(await self._engine.attach(container_id, output))
+            try:
+                await self._engine.start_container(container_id)
+            except NoSuchContainer:
+                raise
+            except EngineError as e:
+                if e.status == 400 or "executable file not found" in e.message or "no such file" in e.message:
+                    raise StartFailed(e.message) from None
+                raise
+            sink.started(job_id)
+            await output.ended
+            exit_code = int(await self._engine.wait_container(container_id))
+            log.info("batch job {job_id} exited with {exit_code}", job_id=job_id, exit_code=exit_code)
+            return exit_code
+        finally:
+            del self.running[job_id]
+            await self._remove(job_id, container_id)
+
+    async def _remove(self, job_id: str, container_id: str) -> None:
+        """Remove the container whatever happened, without letting a cancellation stop it."""
+        try:
+            await self._engine.remove_container(container_id, force=True)
+        except NoSuchContainer:
+            pass
+        except (EngineError, CancelledError) as e:
+            log.warn("could not remove container {container_id} of job {job_id}: {error}",
+                     container_id=container_id, job_id=job_id, error=str(e))
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for the index page and metrics."""
+        return {"running": len(self.running), "queued": self.queued, "max_running": self.config.max_running}

@@ -1,0 +1,211 @@
+"""
+``/batch/<image>?<args>``: run a batch job and stream its output as the response body.
+
+Plain text by default (stdout and stderr interleaved as they arrive); with
+``Accept: application/x-ndjson`` one JSON record a line — ``{"stream": "stdout", "data": "…"}`` —
+and ``{"exit": N}`` last. Output that is not UTF-8 travels as ``{"stream": …, "data_base64": …}``.
+The response carries ``Flynn-Job-Id``. Errors before the stream starts are JSON with a fitting
+status; a client that goes away has its container killed and removed.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from flynnsched.batch import BatchRunner, QueueFull, StartFailed
+from flynnsched.command import InvalidCommand, parse_command, split_request_uri
+from flynnsched.docker.mux import STREAM_NAMES
+from flynnsched.http.errors import RETRY_AFTER, HTTPError, respond, write_json
+from flynnsched.reference import InvalidReference, parse_reference
+
+NDJSON = "application/x-ndjson"
+
+#: Output held while the container starts, before the response can begin; past it the
+#: container's output is paused.
+START_BUFFER = 256 * 1024
+
+
+def wants_ndjson(request: Request) -> bool:
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
+    return any(part.split(";")[0].strip() == NDJSON for part in accept.split(","))
+
+
+@implementer(IPushProducer)
+class StreamingSink:
+    """
+    A ``BatchSink`` writing to an HTTP response, with the response's flow control.
+
+    Output that comes before the container has started (the attach precedes the start) is held,
+    bounded by pausing the container's output, and written once the response begins.
+    """
+
+    def __init__(self, request: Request, ndjson: bool) -> None:
+        self._request = request
+        self._ndjson = ndjson
+        self._producer: IPushProducer | None = None
+        self._held: list[tuple[int, bytes]] = []
+        self._held_size = 0
+        self._open = False
+        self._paused_by_client = False
+        self._decoders = {s: codecs.getincrementaldecoder("utf-8")() for s in STREAM_NAMES}
+
+    # -- BatchSink -----------------------------------------------------------------------
+
+    def attached(self, producer: IPushProducer) -> None:
+        self._producer = producer
+
+    def started(self, job_id: str) -> None:
+        request = self._request
+        request.setResponseCode(200)
+        request.setHeader(b"Flynn-Job-Id", job_id.encode("ascii"))
+        request.setHeader(b"Content-Type", (NDJSON if self._ndjson else "text/plain; charset=utf-8").encode())
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.registerProducer(self, True)
+        self._open = True
+        held, self._held = self._held, []
+        for stream, data in held:
+            self._write(stream, data)
+        if not held:
+            # Send the headers now, so the client knows the job runs before any output.
+            request.write(b"")
+        if self._held_size >= START_BUFFER and not self._paused_by_client and self._producer is not None:
+            self._producer.resumeProducing()
+        self._held_size = 0
+
+    def output(self, stream: int, data: bytes) -> None:
+        if self._open:
+            self._write(stream, data)
+            return
+        self._held.append((stream, data))
+        before = self._held_size
+        self._held_size += len(data)
+        if before < START_BUFFER <= self._held_size and self._producer is not None:
+            self._producer.pauseProducing()
+
+    def finish(self, exit_code: int) -> None:
+        if self._ndjson:
+            for stream in STREAM_NAMES:
+                self._flush_decoder(stream)
+            self._request.write(json.dumps({"exit": exit_code}).encode() + b"\n")
+        self._close()
+
+    def _close(self) -> None:
+        if self._open:
+            self._request.unregisterProducer()
+        if not self._request.finished and not getattr(self._request, "_disconnected", False):
+            self._request.finish()
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _write(self, stream: int, data: bytes) -> None:
+        if getattr(self._request, "_disconnected", False):
+            return
+        if not self._ndjson:
+            self._request.write(data)
+            return
+        name = STREAM_NAMES.get(stream, str(stream))
+        try:
+            text = self._decoders[stream].decode(data)
+        except UnicodeDecodeError:
+            self._decoders[stream].reset()
+            self._record({"stream": name, "data_base64": base64.b64encode(data).decode("ascii")})
+            return
+        if text:
+            self._record({"stream": name, "data": text})
+
+    def _flush_decoder(self, stream: int) -> None:
+        try:
+            text = self._decoders[stream].decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            self._record({"stream": STREAM_NAMES[stream], "data_base64": base64.b64encode(e.object).decode()})
+            return
+        if text:
+            self._record({"stream": STREAM_NAMES[stream], "data": text})
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self._request.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    # -- IPushProducer: the client's flow control, passed on to the container's output ----
+
+    def pauseProducing(self) -> None:
+        self._paused_by_client = True
+        if self._producer is not None:
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused_by_client = False
+        if self._producer is not None:
+            self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._producer is not None:
+            self._producer.stopProducing()
+
+
+class BatchJobResource(Resource):
+    """One batch job request: the image is the rest of the path, the command the query."""
+
+    isLeaf = True
+
+    def __init__(self, runner: BatchRunner) -> None:
+        super().__init__()
+        self._runner = runner
+
+    def render_POST(self, request: Request) -> object:
+        return self.render_GET(request)
+
+    def render_GET(self, request: Request) -> object:
+        return respond(request, lambda: self._run(request))
+
+    async def _run(self, request: Request) -> None:
+        path, query = split_request_uri(request.uri)
+        image_text = path[len(b"/batch/"):] if path.startswith(b"/batch/") else b""
+        try:
+            image = parse_reference(_percent_decode(image_text))
+        except InvalidReference as e:
+            raise HTTPError(400, f"invalid image reference: {e}") from None
+        try:
+            cmd = parse_command(query)
+        except InvalidCommand as e:
+            raise HTTPError(400, f"invalid command: {e}") from None
+        sink = StreamingSink(request, wants_ndjson(request))
+        try:
+            exit_code = await self._runner.run(image.for_engine, cmd, sink)
+        except QueueFull as e:
+            raise HTTPError(503, f"the batch queue is full: {e}", {"Retry-After": str(RETRY_AFTER)}) from None
+        except StartFailed as e:
+            raise HTTPError(400, f"the command could not start: {e}") from None
+        sink.finish(exit_code)
+
+
+def _percent_decode(raw: bytes) -> str:
+    from urllib.parse import unquote_to_bytes
+
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "invalid image reference: not UTF-8") from None
+
+
+class BatchResource(Resource):
+    """``/batch``: every child path is a job; ``/batch`` itself tells how to use it."""
+
+    def __init__(self, runner: BatchRunner) -> None:
+        super().__init__()
+        self._runner = runner
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return BatchJobResource(self._runner)
+
+    def render_GET(self, request: Request) -> object:
+        write_json(request, 400, {"error": "name an image: /batch/<image>?<arg>+<arg>..."})
+        return NOT_DONE_YET

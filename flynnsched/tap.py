@@ -1,0 +1,175 @@
+"""
+``twistd flynnsched``: the daemon's options and the service tree they make.
+
+This is the only module that reads options, the environment or the global reactor; everything
+it builds takes what it needs as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from flynnsched.batch import BatchConfig, BatchRunner
+from flynnsched.docker.address import BadEngineAddress, endpoint_factory, parse_engine_address
+from flynnsched.docker.client import DockerClient
+from flynnsched.docker.images import PULL_POLICIES, ImagePuller
+from flynnsched.docker.interface import LABEL_JOB_TYPE, LABEL_MANAGED, EngineError, IDockerEngine
+from flynnsched.http.root import Components, build_root
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:55005:interface=127.0.0.1"
+DEFAULT_SOCKET = "/var/run/docker.sock"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+class Options(usage.Options):
+    """The command line of ``twistd flynnsched``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "flynnsched runs batch, service and PTY jobs on a Docker engine and serves them over HTTP. "
+        "GET /batch/<image>?<arg>+<arg> streams a batch job's output."
+    )
+
+    optParameters = [
+        ["docker", None, None,
+         "The Docker engine: a socket path, unix:PATH, or tcp:HOST:PORT "
+         f"[default: $DOCKER_HOST, else {DEFAULT_SOCKET}]"],
+        ["docker-tls-ca", None, None, "PEM CA certificate that a tcp engine's certificate must chain to (enables TLS)."],
+        ["docker-tls-cert", None, None, "PEM client certificate for a tcp engine that verifies clients."],
+        ["docker-tls-key", None, None, "PEM private key of --docker-tls-cert."],
+        ["state-dir", None, "/var/lib/flynnsched", "Where the daemon keeps its files."],
+        ["web-root", None, None, "The web assets to serve [default: the ones installed with flynnsched]."],
+        ["pull", None, "missing", f"When to pull images: {' or '.join(PULL_POLICIES)}."],
+        ["batch-max-running", None, 16, "Batch jobs that run at once; more wait in the queue.", _positive],
+        ["batch-max-queued", None, 256, "Batch jobs that may wait; beyond that, 503.", int],
+        ["batch-network", None, "none", "The network of batch containers: none or host."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """A Twisted endpoint to serve HTTP on; repeat for more [default: tcp:55005:interface=127.0.0.1]."""
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["docker"] is None:
+            self["docker"] = os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+        try:
+            self["engine-address"] = parse_engine_address(self["docker"])
+        except BadEngineAddress as e:
+            raise usage.UsageError(str(e)) from None
+        tls = [self[k] for k in ("docker-tls-ca", "docker-tls-cert", "docker-tls-key")]
+        if any(tls) and self["engine-address"].path is not None:
+            raise usage.UsageError("--docker-tls-* options only apply to a tcp engine address")
+        if bool(tls[1]) != bool(tls[2]):
+            raise usage.UsageError("--docker-tls-cert and --docker-tls-key go together")
+        if self["pull"] not in PULL_POLICIES:
+            raise usage.UsageError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {self['pull']!r}")
+        if self["batch-network"] not in ("none", "host"):
+            raise usage.UsageError(f"--batch-network must be none or host, not {self['batch-network']!r}")
+        if self["batch-max-queued"] < 0:
+            raise usage.UsageError("--batch-max-queued must not be negative")
+
+
+class EngineService(Service):
+    """
+    Owns the engine client: on start, removes batch containers that a previous run of the
+    daemon left behind (their clients are gone); on stop, closes the connection pool.
+    """
+
+    def __init__(self, client: DockerClient) -> None:
+        self.client = client
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._remove_orphans())
+
+    async def _remove_orphans(self) -> None:
+        try:
+            leftovers = await self.client.list_containers({LABEL_MANAGED: "1", LABEL_JOB_TYPE: "batch"})
+            for container in leftovers:
+                log.info("removing batch container {container_id} left from an earlier run",
+                         container_id=container.id)
+                await self.client.remove_container(container.id, force=True)
+        except EngineError as e:
+            log.warn("could not look for leftover batch containers: {error}", error=e.message)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.client.close()
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def default_web_root() -> Path:
+    """The web assets installed with the package."""
+    import flynnsched
+
+    return Path(flynnsched.__file__).resolve().parent / "web"
+
+
+def makeService(options: Options) -> IService:
+    """Build the daemon from its options."""
+    from twisted.internet import reactor
+
+    state_dir = Path(options["state-dir"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    top = MultiService()
+
+    client = DockerClient(
+        reactor,
+        endpoint_factory(
+            reactor,
+            options["engine-address"],
+            _read(options["docker-tls-ca"]),
+            _read(options["docker-tls-cert"]),
+            _read(options["docker-tls-key"]),
+        ),
+    )
+    EngineService(client).setServiceParent(top)
+    engine: IDockerEngine = client
+    puller = ImagePuller(engine, options["pull"])
+    batch = BatchRunner(
+        engine,
+        puller,
+        BatchConfig(
+            max_running=options["batch-max-running"],
+            max_queued=options["batch-max-queued"],
+            network=options["batch-network"],
+        ),
+    )
+    web_root = Path(options["web-root"]) if options["web-root"] else default_web_root()
+    components = Components(batch=batch, web_root=web_root)
+
+    site = Site(build_root(components))
+    site.displayTracebacks = False
+    for description in options["listen"]:
+        strports.service(description, site).setServiceParent(top)
+    log.info("flynnsched on {listen}, engine {engine}", listen=options["listen"], engine=str(options["engine-address"]))
+    return top
+
+
+__all__ = ["Options", "makeService"]
