@@ -189,7 +189,7 @@ def hijack_attach(
             return f
         return Failure(EngineUnavailable(f"cannot reach the Docker engine: {f.getErrorMessage()}"))
 
-    d = endpoint.connect(Factory.forProtocol(lambda: protocol))
+    d: Deferred[Any] = endpoint.connect(Factory.forProtocol(lambda: protocol))
     d.addCallback(connected)
     d.addErrback(unreachable)
     return d

@@ -42,6 +42,8 @@ class Root(Resource):
     """``/``: a short JSON index; unknown children are JSON 404s."""
 
     def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"" and not request.postpath:
+            return self
         return _NotFound()
 
     def render_GET(self, request: Request) -> object:
