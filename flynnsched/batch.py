@@ -14,7 +14,7 @@ from typing import Any, Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,13 +60,36 @@ class BatchConfig:
     """
     How batch jobs run: at most ``max_running`` at once with ``max_queued`` waiting, in the
     ``network`` given, with ``log_driver`` for the engine's own copy of the output (``none`` by
-    default: the output streams to the client, and the container is removed after).
+    default: the output streams to the client, and the container is removed after). ``timeout``
+    is the longest a job may run, in seconds (None: no limit); a job may ask for less.
     """
 
     max_running: int = 16
     max_queued: int = 256
     network: str = "none"
     log_driver: str | None = "none"
+    timeout: float | None = None
+
+
+@attrs.frozen
+class BatchJob:
+    """
+    One job: the ``image`` (as the engine names it), its ``cmd`` (None: the image's own), bytes
+    for its ``stdin`` (None: no stdin) and the ``timeout`` it asks for in seconds.
+    """
+
+    image: str
+    cmd: tuple[str, ...] | None = None
+    stdin: bytes | None = None
+    timeout: float | None = None
+
+
+@attrs.frozen
+class BatchResult:
+    """How a job ended: its exit code, and whether it was killed for running past its timeout."""
+
+    exit_code: int
+    timed_out: bool = False
 
 
 class _OutputProtocol(Protocol):
@@ -97,8 +120,11 @@ class _OutputProtocol(Protocol):
 class BatchRunner:
     """Runs batch jobs on ``engine``."""
 
-    def __init__(self, engine: IDockerEngine, puller: ImagePuller, config: BatchConfig = BatchConfig()) -> None:
+    def __init__(
+        self, engine: IDockerEngine, puller: ImagePuller, clock: IReactorTime, config: BatchConfig = BatchConfig()
+    ) -> None:
         self._engine = engine
+        self._clock = clock
         self._puller = puller
         self.config = config
         self._slots = DeferredSemaphore(config.max_running)
@@ -112,9 +138,14 @@ class BatchRunner:
     def new_job_id(self) -> str:
         return uuid.uuid4().hex
 
-    async def run(self, image: str, cmd: tuple[str, ...] | None, sink: BatchSink, job_id: str | None = None) -> int:
+    def effective_timeout(self, asked: float | None) -> float | None:
+        """The timeout a job gets: what it asks for, at most the configured limit."""
+        limits = [t for t in (asked, self.config.timeout) if t is not None]
+        return min(limits) if limits else None
+
+    async def run(self, job: BatchJob, sink: BatchSink, job_id: str | None = None) -> BatchResult:
         """
-        Run one job to its end and return its exit code.
+        Run one job to its end and say how it ended.
 
         Fails before ``sink.started`` with ``QueueFull``, ``ImageNotFound``, ``StartFailed`` or the
         engine's errors; cancelling the returned coroutine's Deferred kills and removes the container.
@@ -126,25 +157,37 @@ class BatchRunner:
         job_id = job_id or self.new_job_id()
         await self._slots.acquire()
         try:
-            return await self._run(job_id, image, cmd, sink)
+            return await self._run(job_id, job, sink)
         finally:
             self._slots.release()
 
-    async def _run(self, job_id: str, image: str, cmd: tuple[str, ...] | None, sink: BatchSink) -> int:
-        await self._puller.ensure(image)
+    async def _run(self, job_id: str, job: BatchJob, sink: BatchSink) -> BatchResult:
+        await self._puller.ensure(job.image)
         spec = ContainerSpec(
-            image=image,
-            cmd=cmd,
+            image=job.image,
+            cmd=job.cmd,
             labels={LABEL_MANAGED: "1", LABEL_JOB_ID: job_id, LABEL_JOB_TYPE: "batch"},
             network=self.config.network,
             log_driver=self.config.log_driver,
+            open_stdin=job.stdin is not None,
+            stdin_once=job.stdin is not None,
         )
         container_id = await self._engine.create_container(spec)
         self.running[job_id] = container_id
         log.info("batch job {job_id} created container {container_id}", job_id=job_id, container_id=container_id)
+        timer = None
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            log.info("batch job {job_id} ran past its timeout", job_id=job_id)
+            self._engine.kill_container(container_id).addErrback(lambda f: f.trap(EngineError))
+
         try:
             output = _OutputProtocol(sink)
-            sink.attached(await self._engine.attach(container_id, output))
+            attachment = await self._engine.attach(container_id, output, stdin=job.stdin is not None)
+            sink.attached(attachment)
             try:
                 await self._engine.start_container(container_id)
             except NoSuchContainer:
@@ -153,12 +196,20 @@ class BatchRunner:
                 if e.status == 400 or "executable file not found" in e.message or "no such file" in e.message:
                     raise StartFailed(e.message) from None
                 raise
+            timeout = self.effective_timeout(job.timeout)
+            if timeout is not None:
+                timer = self._clock.callLater(timeout, expire)
             sink.started(job_id)
+            if job.stdin is not None:
+                attachment.write(job.stdin)
+                attachment.close_stdin()
             await output.ended
             exit_code = int(await self._engine.wait_container(container_id))
             log.info("batch job {job_id} exited with {exit_code}", job_id=job_id, exit_code=exit_code)
-            return exit_code
+            return BatchResult(exit_code, timed_out)
         finally:
+            if timer is not None and timer.active():
+                timer.cancel()
             del self.running[job_id]
             await self._remove(job_id, container_id)
 

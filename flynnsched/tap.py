@@ -60,6 +60,7 @@ class Options(usage.Options):
         ["batch-max-running", None, 16, "Batch jobs that run at once; more wait in the queue.", _positive],
         ["batch-max-queued", None, 256, "Batch jobs that may wait; beyond that, 503.", int],
         ["batch-network", None, "none", "The network of batch containers: none or host."],
+        ["batch-timeout", None, 0.0, "The most seconds a batch job may run; 0 for no limit.", float],
     ]
 
     def __init__(self) -> None:
@@ -88,6 +89,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {self['pull']!r}")
         if self["batch-network"] not in ("none", "host"):
             raise usage.UsageError(f"--batch-network must be none or host, not {self['batch-network']!r}")
+        if self["batch-timeout"] < 0:
+            raise usage.UsageError("--batch-timeout must not be negative")
         if self["batch-max-queued"] < 0:
             raise usage.UsageError("--batch-max-queued must not be negative")
 
@@ -155,10 +158,12 @@ def makeService(options: Options) -> IService:
     batch = BatchRunner(
         engine,
         puller,
+        reactor,
         BatchConfig(
             max_running=options["batch-max-running"],
             max_queued=options["batch-max-queued"],
             network=options["batch-network"],
+            timeout=options["batch-timeout"] or None,
         ),
     )
     web_root = Path(options["web-root"]) if options["web-root"] else default_web_root()

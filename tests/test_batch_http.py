@@ -12,7 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from flynnsched.batch import BatchConfig, BatchRunner
+from flynnsched.batch import BatchConfig, BatchJob, BatchRunner
 from flynnsched.docker.images import ImagePuller
 from flynnsched.docker.interface import LABEL_JOB_ID, LABEL_JOB_TYPE, LABEL_MANAGED
 from flynnsched.http.root import Components, build_root
@@ -20,7 +20,7 @@ from flynnsched.testing import FakeDockerEngine
 
 
 def make_stub(engine: FakeDockerEngine, **config: Any) -> tuple[StubTreq, BatchRunner]:
-    runner = BatchRunner(engine, ImagePuller(engine), BatchConfig(**config))
+    runner = BatchRunner(engine, ImagePuller(engine), engine.clock, BatchConfig(**config))
     return StubTreq(build_root(Components(batch=runner))), runner
 
 
@@ -179,7 +179,7 @@ def test_unknown_path(fake_engine: FakeDockerEngine) -> None:
 
 def test_cancel_removes_container(fake_engine: FakeDockerEngine, clock: Clock) -> None:
     """Cancelling a running job (its client went away) kills and removes its container."""
-    runner = BatchRunner(fake_engine, ImagePuller(fake_engine))
+    runner = BatchRunner(fake_engine, ImagePuller(fake_engine), clock)
 
     class Sink:
         def attached(self, producer: Any) -> None:
@@ -191,7 +191,7 @@ def test_cancel_removes_container(fake_engine: FakeDockerEngine, clock: Clock) -
         def output(self, stream: int, data: bytes) -> None:
             pass
 
-    d = Deferred.fromCoroutine(runner.run("flynn/busybox:latest", ("sleep", "100"), Sink()))
+    d = Deferred.fromCoroutine(runner.run(BatchJob("flynn/busybox:latest", ("sleep", "100")), Sink()))
     assert len(fake_engine.containers) == 1
     failures: list[Any] = []
     d.addErrback(failures.append)
@@ -199,3 +199,58 @@ def test_cancel_removes_container(fake_engine: FakeDockerEngine, clock: Clock) -
     assert [f.type for f in failures] == [CancelledError]
     assert fake_engine.containers == {}
     assert runner.stats()["running"] == 0
+
+
+def test_post_body_is_stdin(fake_engine: FakeDockerEngine) -> None:
+    """A POST's body is the job's stdin, closed at its end."""
+    stub, _ = make_stub(fake_engine)
+    response = result(stub.post("http://flynnsched/batch/flynn/busybox?cat", data=b"line one\nline two\n"))
+    stub.flush()
+    assert response.code == 200
+    assert result(stub.content(response)) == b"line one\nline two\n"
+
+
+def test_timeout_kills(fake_engine: FakeDockerEngine, clock: Clock) -> None:
+    """A job running past its Flynn-Timeout is killed, and the NDJSON exit record says so."""
+    stub, _ = make_stub(fake_engine)
+    d = stub.get(
+        "http://flynnsched/batch/flynn/busybox?sleep+60",
+        headers={"Accept": "application/x-ndjson", "Flynn-Timeout": "2.5"},
+    )
+    stub.flush()
+    clock.advance(2.4)
+    assert len(fake_engine.containers) == 1
+    clock.advance(0.2)
+    stub.flush()
+    body = result(stub.content(result(d)))
+    assert [json.loads(line) for line in body.splitlines()] == [{"exit": 137, "timed_out": True}]
+    assert fake_engine.containers == {}
+
+
+def test_daemon_timeout_caps_request(fake_engine: FakeDockerEngine) -> None:
+    """A job gets the smaller of the timeout it asks for and the daemon's limit."""
+    runner = BatchRunner(fake_engine, ImagePuller(fake_engine), fake_engine.clock, BatchConfig(timeout=10))
+    assert runner.effective_timeout(None) == 10
+    assert runner.effective_timeout(30) == 10
+    assert runner.effective_timeout(3) == 3
+    unlimited = BatchRunner(fake_engine, ImagePuller(fake_engine), fake_engine.clock)
+    assert unlimited.effective_timeout(None) is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_bad_timeout(fake_engine: FakeDockerEngine, value: str) -> None:
+    """A Flynn-Timeout that is not a positive number is a 400 naming the header."""
+    stub, _ = make_stub(fake_engine)
+    response, body = get(stub, "/batch/flynn/busybox?true", headers={"Flynn-Timeout": value})
+    assert response.code == 400
+    assert "Flynn-Timeout" in json.loads(body)["error"]
+    assert fake_engine.containers == {}
+
+
+def test_head_runs_nothing(fake_engine: FakeDockerEngine) -> None:
+    """A HEAD request never starts a job."""
+    stub, _ = make_stub(fake_engine)
+    response = result(stub.head("http://flynnsched/batch/flynn/busybox?true"))
+    stub.flush()
+    assert response.code == 405
+    assert fake_engine.containers == {} and fake_engine.pull_count == 0

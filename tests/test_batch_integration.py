@@ -133,3 +133,17 @@ async def test_disconnect_removes_container(daemon_factory: Any, real_engine: An
         timeout=5.0,
         what="the container of the abandoned job to be removed",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_stdin_and_timeout(daemon_factory: Any) -> None:
+    """A POST body reaches the command's stdin; a Flynn-Timeout kills a job that runs too long."""
+    daemon = await daemon_factory()
+    response = await treq.post(daemon.url + "/batch/flynn/busybox?wc+-l", data=b"a\nb\nc\n").addTimeout(30, reactor)
+    assert (response.code, (await treq.content(response)).strip()) == (200, b"3")
+    response = await treq.get(
+        daemon.url + "/batch/flynn/busybox?sleep+60",
+        headers={"Accept": "application/x-ndjson", "Flynn-Timeout": "1"},
+    ).addTimeout(30, reactor)
+    records = [json.loads(line) for line in (await treq.content(response)).splitlines()]
+    assert records == [{"exit": 137, "timed_out": True}]

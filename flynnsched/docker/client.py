@@ -25,7 +25,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from flynnsched.docker.attach import hijack_attach
-from flynnsched.docker.events import EventLineParser
+from flynnsched.docker.events import EventLineParser, EventParseError
 from flynnsched.docker.interface import (
     Conflict,
     ContainerSpec,
@@ -104,8 +104,12 @@ class _EventStream(Protocol):
 
     def __init__(self, callback: Callable[[Event], None]) -> None:
         self._callback = callback
-        self._parser = EventLineParser()
+        self._parser = EventLineParser(on_error=self._bad_line)
         self.done: Deferred[None] = Deferred()
+
+    @staticmethod
+    def _bad_line(error: EventParseError) -> None:
+        log.warn("skipping a malformed event from the engine: {error}", error=str(error))
 
     def dataReceived(self, data: bytes) -> None:
         for event in self._parser.feed(data):

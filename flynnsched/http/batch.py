@@ -4,7 +4,8 @@
 Plain text by default (stdout and stderr interleaved as they arrive); with
 ``Accept: application/x-ndjson`` one JSON record a line — ``{"stream": "stdout", "data": "…"}`` —
 and ``{"exit": N}`` last. Output that is not UTF-8 travels as ``{"stream": …, "data_base64": …}``.
-The response carries ``Flynn-Job-Id``. Errors before the stream starts are JSON with a fitting
+The response carries ``Flynn-Job-Id``. A ``POST``'s body is the job's stdin; a ``Flynn-Timeout``
+header (seconds) kills a job that runs longer (``{"exit": 137, "timed_out": true}``). Errors before the stream starts are JSON with a fitting
 status; a client that goes away has its container killed and removed.
 """
 
@@ -20,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from flynnsched.batch import BatchRunner, QueueFull, StartFailed
+from flynnsched.batch import BatchJob, BatchResult, BatchRunner, QueueFull, StartFailed
 from flynnsched.command import InvalidCommand, parse_command, split_request_uri
 from flynnsched.docker.mux import STREAM_NAMES
 from flynnsched.http.errors import RETRY_AFTER, HTTPError, respond, write_json
@@ -91,11 +92,14 @@ class StreamingSink:
         if before < START_BUFFER <= self._held_size and self._producer is not None:
             self._producer.pauseProducing()
 
-    def finish(self, exit_code: int) -> None:
+    def finish(self, result: BatchResult) -> None:
         if self._ndjson:
             for stream in STREAM_NAMES:
                 self._flush_decoder(stream)
-            self._request.write(json.dumps({"exit": exit_code}).encode() + b"\n")
+            record: dict[str, Any] = {"exit": result.exit_code}
+            if result.timed_out:
+                record["timed_out"] = True
+            self._record(record)
         self._close()
 
     def _close(self) -> None:
@@ -161,12 +165,18 @@ class BatchJobResource(Resource):
         self._runner = runner
 
     def render_POST(self, request: Request) -> object:
-        return self.render_GET(request)
+        return respond(request, lambda: self._run(request, stdin=_body(request)))
 
     def render_GET(self, request: Request) -> object:
-        return respond(request, lambda: self._run(request))
+        return respond(request, lambda: self._run(request, stdin=None))
 
-    async def _run(self, request: Request) -> None:
+    def render_HEAD(self, request: Request) -> object:
+        # A HEAD must not start a job, as a GET would.
+        request.setHeader(b"Allow", b"GET, POST")
+        write_json(request, 405, {"error": "use GET or POST to run a batch job"})
+        return NOT_DONE_YET
+
+    async def _run(self, request: Request, stdin: bytes | None) -> None:
         path, query = split_request_uri(request.uri)
         image_text = path[len(b"/batch/"):] if path.startswith(b"/batch/") else b""
         try:
@@ -177,14 +187,40 @@ class BatchJobResource(Resource):
             cmd = parse_command(query)
         except InvalidCommand as e:
             raise HTTPError(400, f"invalid command: {e}") from None
+        timeout = _timeout(request)
         sink = StreamingSink(request, wants_ndjson(request))
+        job = BatchJob(image=image.for_engine, cmd=cmd, stdin=stdin, timeout=timeout)
         try:
-            exit_code = await self._runner.run(image.for_engine, cmd, sink)
+            result = await self._runner.run(job, sink)
         except QueueFull as e:
             raise HTTPError(503, f"the batch queue is full: {e}", {"Retry-After": str(RETRY_AFTER)}) from None
         except StartFailed as e:
             raise HTTPError(400, f"the command could not start: {e}") from None
-        sink.finish(exit_code)
+        sink.finish(result)
+
+
+def _body(request: Request) -> bytes | None:
+    """A POST's body, the job's stdin; None when there is none."""
+    content = request.content
+    if content is None:
+        return None
+    content.seek(0)
+    data = content.read()
+    return data or None
+
+
+def _timeout(request: Request) -> float | None:
+    """The ``Flynn-Timeout`` header: the most seconds the job may run."""
+    raw = request.getHeader(b"flynn-timeout")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e9:
+        raise HTTPError(400, f"Flynn-Timeout must be a positive number of seconds, not {raw.decode('latin-1')!r}")
+    return value
 
 
 def _percent_decode(raw: bytes) -> str:
