@@ -64,4 +64,8 @@ def build_root(components: Components) -> Resource:
 
     root = Root()
     root.putChild(b"batch", BatchResource(components.batch))
+    if components.services is not None:
+        from flynnsched.services.http import ServicesResource
+
+        root.putChild(b"services", ServicesResource(components.services))
     return root

@@ -124,7 +124,7 @@ class IServiceStore(Interface):
 
     def load(history: int):  # type: ignore[no-untyped-def]
         """
-        :return: Deferred firing with every ``StoredService`` (oldest first), each with its last
+        :return: Deferred firing with every ``StoredService`` (in the order they were created), each with its last
             ``history`` entries.
         """
 
@@ -263,7 +263,7 @@ class SQLiteServiceStore:
         def load(cursor: sqlite3.Cursor) -> list[StoredService]:
             services = []
             rows = cursor.execute(
-                "SELECT id, spec, created_at, status FROM services ORDER BY created_at, id"
+                "SELECT id, spec, created_at, status FROM services ORDER BY created_at, rowid"
             ).fetchall()
             for service_id, spec, created_at, status in rows:
                 entries = cursor.execute(
@@ -335,7 +335,7 @@ class MemoryServiceStore:
         self.closed = False
 
     def load(self, history: int = 20) -> Deferred[list[StoredService]]:
-        ordered = sorted(self.services.values(), key=lambda s: (s.created_at, s.id))
+        ordered = sorted(self.services.values(), key=lambda s: s.created_at)
         return succeed([
             attrs.evolve(s, history=tuple(self.histories[s.id][-history:] if history else ())) for s in ordered
         ])
