@@ -52,7 +52,10 @@ def parse_engine_address(value: str) -> EngineAddress:
         rest = value[len("tcp:"):]
         if rest.startswith("//"):
             split = urlsplit("tcp:" + rest)
-            host, port = split.hostname, split.port
+            try:
+                host, port = split.hostname, split.port
+            except ValueError:
+                raise BadEngineAddress(f"a tcp engine address needs a host and a valid port: {value!r}") from None
         else:
             host, _, port_text = rest.rpartition(":")
             host = host.strip("[]")

@@ -141,7 +141,7 @@ class DockerClient:
         self._endpoint_factory = endpoint_factory
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 16
-        self._pool.retryAutomatically = False
+        # A pooled connection the engine closed (say, on its restart) is retried for safe methods.
         agent = Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint_factory), pool=self._pool)
         self._http = HTTPClient(agent)
 
