@@ -34,6 +34,10 @@ from flynnsched.docker.mux import Demultiplexer, MuxProtocolError
 log = Logger()
 
 
+#: Seconds between attempts to remove a finished job's container that the engine could not remove.
+REMOVE_RETRY = 10.0
+
+
 class QueueFull(Exception):
     """Too many batch jobs are running and waiting already."""
 
@@ -129,6 +133,7 @@ class BatchRunner:
         self.config = config
         self._slots = DeferredSemaphore(config.max_running)
         self.running: dict[str, str] = {}
+        self._unremoved: set[str] = set()
 
     @property
     def queued(self) -> int:
@@ -214,15 +219,27 @@ class BatchRunner:
             await self._remove(job_id, container_id)
 
     async def _remove(self, job_id: str, container_id: str) -> None:
-        """Remove the container whatever happened, without letting a cancellation stop it."""
+        """
+        Remove the container whatever happened, without letting a cancellation stop it. When the
+        engine cannot do it now, try again every ``REMOVE_RETRY`` seconds until it can.
+        """
         try:
             await self._engine.remove_container(container_id, force=True)
         except NoSuchContainer:
-            pass
+            self._unremoved.discard(container_id)
         except (EngineError, CancelledError) as e:
-            log.warn("could not remove container {container_id} of job {job_id}: {error}",
+            log.warn("could not remove container {container_id} of job {job_id} yet: {error}",
                      container_id=container_id, job_id=job_id, error=str(e))
+            self._unremoved.add(container_id)
+            self._clock.callLater(REMOVE_RETRY, lambda: Deferred.fromCoroutine(self._remove(job_id, container_id)))
+        else:
+            self._unremoved.discard(container_id)
 
     def stats(self) -> dict[str, Any]:
         """Counts for the index page and metrics."""
-        return {"running": len(self.running), "queued": self.queued, "max_running": self.config.max_running}
+        return {
+            "running": len(self.running),
+            "queued": self.queued,
+            "max_running": self.config.max_running,
+            "awaiting_removal": len(self._unremoved),
+        }

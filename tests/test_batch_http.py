@@ -12,7 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from flynnsched.batch import BatchConfig, BatchJob, BatchRunner
+from flynnsched.batch import REMOVE_RETRY, BatchConfig, BatchJob, BatchRunner
 from flynnsched.docker.images import ImagePuller
 from flynnsched.docker.interface import LABEL_JOB_ID, LABEL_JOB_TYPE, LABEL_MANAGED
 from flynnsched.http.root import Components, build_root
@@ -254,3 +254,22 @@ def test_head_runs_nothing(fake_engine: FakeDockerEngine) -> None:
     stub.flush()
     assert response.code == 405
     assert fake_engine.containers == {} and fake_engine.pull_count == 0
+
+
+def test_engine_lost_mid_stream(fake_engine: FakeDockerEngine, clock: Clock) -> None:
+    """An engine lost after the stream began ends NDJSON with an error record instead of an exit."""
+    stub, runner = make_stub(fake_engine)
+    d = stub.get("http://flynnsched/batch/flynn/busybox?sleep+30", headers={"Accept": "application/x-ndjson"})
+    stub.flush()
+    (container,) = fake_engine.containers.values()
+    fake_engine.go_down()
+    container.exited(137)
+    stub.flush()
+    records = [json.loads(line) for line in result(stub.content(result(d))).splitlines()]
+    assert len(records) == 1 and "engine failed during the job" in records[0]["error"]
+    # The container could not be removed while the engine was away; it is once the engine is back.
+    assert runner.stats()["awaiting_removal"] == 1
+    fake_engine.come_back()
+    clock.advance(REMOVE_RETRY)
+    assert fake_engine.containers == {}
+    assert runner.stats()["awaiting_removal"] == 0

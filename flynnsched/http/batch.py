@@ -19,13 +19,17 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from flynnsched.batch import BatchJob, BatchResult, BatchRunner, QueueFull, StartFailed
 from flynnsched.command import InvalidCommand, parse_command, split_request_uri
+from flynnsched.docker.interface import EngineError
 from flynnsched.docker.mux import STREAM_NAMES
 from flynnsched.http.errors import RETRY_AFTER, HTTPError, respond, write_json
 from flynnsched.reference import InvalidReference, parse_reference
+
+log = Logger()
 
 NDJSON = "application/x-ndjson"
 
@@ -101,6 +105,25 @@ class StreamingSink:
                 record["timed_out"] = True
             self._record(record)
         self._close()
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the response has begun, so errors can no longer change its status."""
+        return self._open
+
+    def fail(self, message: str) -> None:
+        """
+        End a response that has begun after a failure: NDJSON gets an ``{"error": …}`` record; a
+        plain-text stream is cut without its last chunk, so the client sees it is incomplete.
+        """
+        if getattr(self._request, "_disconnected", False) or self._request.finished:
+            return
+        if self._ndjson:
+            self._record({"error": message})
+            self._close()
+            return
+        self._request.unregisterProducer()
+        self._request.channel.transport.abortConnection()  # type: ignore[union-attr]
 
     def _close(self) -> None:
         if self._open:
@@ -196,6 +219,12 @@ class BatchJobResource(Resource):
             raise HTTPError(503, f"the batch queue is full: {e}", {"Retry-After": str(RETRY_AFTER)}) from None
         except StartFailed as e:
             raise HTTPError(400, f"the command could not start: {e}") from None
+        except EngineError as e:
+            if not sink.streaming:
+                raise
+            log.warn("batch job lost its engine mid-stream: {error}", error=e.message)
+            sink.fail(f"the Docker engine failed during the job: {e.message}")
+            return
         sink.finish(result)
 
 
