@@ -27,7 +27,7 @@
   var term = new Terminal({
     cursorBlink: true,
     scrollback: 5000,
-    fontFamily: '"DejaVu Sans Mono", "Noto Sans Mono CJK SC", "WenQuanYi Zen Hei Mono", monospace',
+    fontFamily: '"DejaVu Sans Mono", "Noto Sans Mono CJK SC", "WenQuanYi Micro Hei Mono", "WenQuanYi Zen Hei Mono", monospace',
     fontSize: 14,
     theme: { background: "#1e1e1e", foreground: "#d4d4d4" }
   });

@@ -68,4 +68,10 @@ def build_root(components: Components) -> Resource:
         from flynnsched.services.http import ServicesResource
 
         root.putChild(b"services", ServicesResource(components.services))
+    if components.pty is not None:
+        root.putChild(b"pty", components.pty)
+    if components.web_root is not None:
+        from flynnsched.pty.assets import StaticAssets
+
+        root.putChild(b"static", StaticAssets(components.web_root))
     return root

@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 from string import Template
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from flynnsched.command import InvalidCommand, parse_command, split_request_uri
 from flynnsched.http.errors import RETRY_AFTER, HTTPError, read_json_body, write_json
 from flynnsched.pty.origin import OriginPolicy
 from flynnsched.pty.session import NoSuchSession, PtyManager, SessionLimit
@@ -42,22 +42,6 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-def parse_command(uri: bytes) -> tuple[str, ...] | None:
-    """
-    The command in a request's query string: split on ``+``, each part percent-decoded
-    (``?sh+-c+echo%20hi`` is ``("sh", "-c", "echo hi")``). No query: ``None`` (the image's CMD).
-
-    :raises HTTPError: 400 when a part is not UTF-8.
-    """
-    _, question, query = uri.partition(b"?")
-    if not question or not query:
-        return None
-    try:
-        return tuple(unquote_to_bytes(part).decode("utf-8") for part in query.split(b"+"))
-    except UnicodeDecodeError:
-        raise HTTPError(400, "the command must be UTF-8 (percent-encoded)") from None
 
 
 def _error(request: Request, error: HTTPError) -> bytes:
@@ -92,7 +76,10 @@ class _Page(Resource):
             reference = parse_reference(text)
         except InvalidReference as e:
             raise HTTPError(400, f"invalid image reference: {e}") from None
-        cmd = parse_command(request.uri)
+        try:
+            cmd = parse_command(split_request_uri(request.uri)[1])
+        except InvalidCommand as e:
+            raise HTTPError(400, f"invalid command: {e}") from None
         manager = self._parent.manager
         try:
             token = manager.start_token(reference.for_engine, cmd)
