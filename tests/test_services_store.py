@@ -115,6 +115,7 @@ async def test_sqlite_survives_reopen(tmp_path: Path, reactor: Any) -> None:
         (loaded,) = await second.load(10)
         assert loaded.spec.name == "kept" and loaded.status.container_id == "x" * 64
         assert await second.schema_version() == SCHEMA_VERSION
+        assert second.instance_id == first.instance_id and len(first.instance_id) == 16
     finally:
         await second.close()
 
@@ -192,3 +193,35 @@ async def test_sqlite_acknowledged_writes_survive_kill_9(tmp_path: Path, reactor
         assert [h.event for h in loaded.history] == ["created", "started"]
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_migrates_an_older_schema(tmp_path: Path, reactor: Any) -> None:
+    """A version-1 database keeps its services when opened, and gains an instance id."""
+    from flynnsched.services.store import _migrate_to_1
+
+    connection = sqlite3.connect(tmp_path / DB_FILENAME)
+    _migrate_to_1(connection.cursor())
+    connection.execute(
+        "INSERT INTO services (id, name, spec, created_at, state, status) VALUES (?, ?, ?, ?, ?, ?)",
+        ("a" * 16, "old", '{"image": "flynn/busybox"}', 1.0, "running",
+         '{"state": "running", "container_id": "c", "started_at": 1.0}'),
+    )
+    connection.execute("PRAGMA user_version = 1")
+    connection.commit()
+    connection.close()
+    store = SQLiteServiceStore.open_now(reactor, str(tmp_path))
+    try:
+        assert await store.schema_version() == SCHEMA_VERSION
+        (loaded,) = await store.load(5)
+        assert loaded.spec.image == "flynn/busybox" and loaded.status.container_id == "c"
+        assert len(store.instance_id) == 16
+    finally:
+        await store.close()
+
+
+def test_sqlite_damaged_file_is_a_clear_error(tmp_path: Path, reactor: Any) -> None:
+    """A file that is not a database stops the daemon with a message naming it."""
+    (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match=DB_FILENAME):
+        SQLiteServiceStore.open_now(reactor, str(tmp_path))

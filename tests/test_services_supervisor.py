@@ -30,8 +30,11 @@ def result(d: Deferred[Any]) -> Any:
     return results[0]
 
 
+OWNER = "0123456789abcdef"
+
+
 def make(clock: Clock, engine: FakeDockerEngine, store: MemoryServiceStore | None = None) -> ServiceSupervisor:
-    supervisor = ServiceSupervisor(clock, engine, store or MemoryServiceStore(), random=lambda: 0.0)
+    supervisor = ServiceSupervisor(clock, engine, store or MemoryServiceStore(OWNER), random=lambda: 0.0)
     supervisor.startService()
     return supervisor
 
@@ -116,7 +119,7 @@ def test_oom_kill_is_reported(clock: Clock, fake_engine: FakeDockerEngine) -> No
 
 def test_delete_stops_gracefully_then_removes(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """DELETE waits the grace period for a container that ignores its signal, then it is gone."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     supervisor = make(clock, fake_engine, store)
     sid = create(supervisor, cmd=["sleep", "1000"], stop_grace_period=3)
     done = Deferred.fromCoroutine(supervisor.delete(sid))
@@ -212,8 +215,9 @@ def stored(sid: str, status: Status, **body: Any) -> StoredService:
     return StoredService(sid, parse_service_spec(body), 1.0, status, (HistoryEntry(1.0, "created", {}),))
 
 
-def start_container(engine: FakeDockerEngine, sid: str, cmd: tuple[str, ...] = ("sleep", "1000")) -> str:
-    spec = container_spec(sid, parse_service_spec({"image": "flynn/busybox", "cmd": list(cmd)}))
+def start_container(engine: FakeDockerEngine, sid: str, cmd: tuple[str, ...] = ("sleep", "1000"),
+                    owner: str = OWNER) -> str:
+    spec = container_spec(sid, parse_service_spec({"image": "flynn/busybox", "cmd": list(cmd)}), owner)
     cid = result(engine.create_container(spec))
     result(engine.start_container(cid))
     return str(cid)
@@ -221,7 +225,7 @@ def start_container(engine: FakeDockerEngine, sid: str, cmd: tuple[str, ...] = (
 
 def test_restart_adopts_running_containers(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """After a daemon restart, running containers are kept: none restarted, none duplicated."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     first = make(clock, fake_engine, store)
     ids = [create(first, cmd=["sleep", "1000"]) for _ in range(5)]
     before = {sid: running(fake_engine, sid) for sid in ids}
@@ -239,7 +243,7 @@ def test_restart_adopts_running_containers(clock: Clock, fake_engine: FakeDocker
 
 def test_restart_adopts_an_unrecorded_container_and_drops_duplicates(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """A container the store never heard of is adopted by its labels; extra ones are removed."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     result(store.insert(stored("a" * 16, Status(state=State.STARTING))))
     result(store.insert(stored("b" * 16, Status(state=State.RUNNING, container_id="gone", started_at=1.0))))
     lone = start_container(fake_engine, "a" * 16)
@@ -257,7 +261,7 @@ def test_restart_adopts_an_unrecorded_container_and_drops_duplicates(clock: Cloc
 
 def test_restart_revives_services_that_died_meanwhile(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """Containers that stopped while the daemon was down are replaced after the initial delay."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     first = make(clock, fake_engine, store)
     sid = create(first, cmd=["sleep", "1000"])
     (old,) = running(fake_engine, sid)
@@ -273,7 +277,7 @@ def test_restart_revives_services_that_died_meanwhile(clock: Clock, fake_engine:
 
 def test_restart_resumes_pending_and_backoff(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """A stored pending service starts at once; one in backoff at its stored restart time."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     clock.advance(100)
     result(store.insert(stored("a" * 16, Status())))
     result(store.insert(stored("b" * 16, Status(state=State.BACKOFF, attempt=3, next_restart_at=105.0))))
@@ -287,17 +291,20 @@ def test_restart_resumes_pending_and_backoff(clock: Clock, fake_engine: FakeDock
 
 
 def test_restart_removes_unwanted_containers(clock: Clock, fake_engine: FakeDockerEngine) -> None:
-    """Service containers no record wants are removed; other containers are left alone."""
+    """Service containers no record wants are removed; others' containers are left alone."""
     orphan = start_container(fake_engine, "9" * 16)
-    other = result(fake_engine.create_container(ContainerSpec(image="flynn/busybox", labels={LABEL_MANAGED: "1", LABEL_JOB_TYPE: "batch"})))
+    batch = result(fake_engine.create_container(
+        ContainerSpec(image="flynn/busybox", labels={LABEL_MANAGED: "1", LABEL_JOB_TYPE: "batch"})))
+    other_daemon = start_container(fake_engine, "8" * 16, owner="fedcba9876543210")
     make(clock, fake_engine)
     assert orphan not in fake_engine.containers
-    assert other in fake_engine.containers
+    assert batch in fake_engine.containers
+    assert fake_engine.containers[other_daemon].status == "running"
 
 
 def test_restart_finishes_an_interrupted_delete(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """A service stored as stopping (the daemon died mid-DELETE) is removed for good."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     cid = start_container(fake_engine, "a" * 16)
     result(store.insert(stored("a" * 16, Status(state=State.STOPPING, container_id=cid), stop_grace_period=0)))
     supervisor = make(clock, fake_engine, store)
@@ -313,7 +320,7 @@ def test_restart_finishes_an_interrupted_delete(clock: Clock, fake_engine: FakeD
 
 def test_engine_outage_and_return(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """While the engine is away reads work and engine work is refused; once back, all run again."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     supervisor = make(clock, fake_engine, store)
     ids = [create(supervisor, cmd=["sleep", "1000"]) for _ in range(3)]
     clock.advance(2)
@@ -355,7 +362,7 @@ def test_engine_down_while_restarting_waits_for_it(clock: Clock, fake_engine: Fa
 
 def test_stopping_the_daemon_leaves_containers_running(clock: Clock, fake_engine: FakeDockerEngine) -> None:
     """Stopping the supervisor keeps services' containers and closes the store."""
-    store = MemoryServiceStore()
+    store = MemoryServiceStore(OWNER)
     supervisor = make(clock, fake_engine, store)
     sid = create(supervisor, cmd=["sleep", "1000"])
     result(supervisor.stopService())

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from flynnsched.docker.interface import ImageNotFound
 from flynnsched.docker.mux import STREAM_NAMES, Demultiplexer, MuxProtocolError
-from flynnsched.http.errors import HTTPError, read_json_body, respond, write_json
+from flynnsched.http.errors import RETRY_AFTER, HTTPError, read_json_body, respond, write_json
 from flynnsched.services.spec import SpecError, parse_service_spec
 from flynnsched.services.store import NameTaken
 from flynnsched.services.supervisor import NoContainer, NoSuchService, ServiceSupervisor, ServiceView
@@ -80,6 +80,8 @@ def _as_http_error(exc: BaseException) -> HTTPError | None:
         return HTTPError(404, str(exc))
     if isinstance(exc, NameTaken):
         return HTTPError(409, str(exc))
+    if isinstance(exc, TimeoutError):
+        return HTTPError(503, str(exc), {"Retry-After": str(RETRY_AFTER)})
     return None
 
 

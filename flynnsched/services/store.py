@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,7 +25,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.python.lockfile import FilesystemLock
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from flynnsched.services.policy import LastExit, State, Status
 from flynnsched.services.spec import ServiceSpec
@@ -49,7 +50,7 @@ DB_FILENAME = "services.sqlite3"
 #: History entries kept per service; older ones are dropped as new ones arrive.
 HISTORY_KEPT = 100
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -122,6 +123,11 @@ def status_from_json(data: Mapping[str, Any]) -> Status:
 class IServiceStore(Interface):
     """Durable storage of services. Every method returns a Deferred that fires once it is durable."""
 
+    instance_id = Attribute(
+        "The identity of the daemon that owns this store (and the containers labelled with it): "
+        "fixed when the store is first created."
+    )
+
     def load(history: int):  # type: ignore[no-untyped-def]
         """
         :return: Deferred firing with every ``StoredService`` (in the order they were created), each with its last
@@ -178,8 +184,15 @@ def _migrate_to_1(cursor: sqlite3.Cursor) -> None:
     cursor.execute("CREATE INDEX history_by_service ON history (service_id, seq)")
 
 
+def _migrate_to_2(cursor: sqlite3.Cursor) -> None:
+    # The daemon's identity: its containers carry it, so that daemons sharing an engine (with
+    # separate state directories) never take each other's containers for their own.
+    cursor.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    cursor.execute("INSERT INTO meta (key, value) VALUES ('instance_id', ?)", (secrets.token_hex(8),))
+
+
 #: ``MIGRATIONS[n]`` brings a database at version ``n`` to version ``n + 1``.
-MIGRATIONS: tuple[Callable[[sqlite3.Cursor], None], ...] = (_migrate_to_1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Cursor], None], ...] = (_migrate_to_1, _migrate_to_2)
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -189,7 +202,8 @@ def _configure(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA busy_timeout = 5000")
 
 
-def _migrate(cursor: sqlite3.Cursor) -> int:
+def _migrate(cursor: sqlite3.Cursor) -> str:
+    """Bring the schema up to date; return the instance id."""
     version = cursor.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StoreError(
@@ -199,7 +213,7 @@ def _migrate(cursor: sqlite3.Cursor) -> int:
     for step in range(version, SCHEMA_VERSION):
         MIGRATIONS[step](cursor)
         cursor.execute(f"PRAGMA user_version = {step + 1}")
-    return int(version)
+    return str(cursor.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()[0])
 
 
 def _dumps(value: Any) -> str:
@@ -225,8 +239,9 @@ def _insert_history(cursor: sqlite3.Cursor, service_id: str, entries: Iterable[H
 class SQLiteServiceStore:
     """The services of one daemon, in ``<state dir>/services.sqlite3``."""
 
-    def __init__(self, reactor: IReactorCore, path: str) -> None:
+    def __init__(self, reactor: IReactorCore, path: str, instance_id: str) -> None:
         self.path = path
+        self.instance_id = instance_id
         self._pool = adbapi.ConnectionPool(
             "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1, cp_reactor=reactor,
             cp_openfun=_configure, cp_noisy=False,
@@ -245,13 +260,42 @@ class SQLiteServiceStore:
         lock = FilesystemLock(os.path.join(state_dir, "services.lock"))
         if not lock.lock():
             raise StateDirLocked(f"another flynnsched is using the state directory {state_dir}")
-        store = cls(reactor, os.path.join(state_dir, DB_FILENAME))
+        store = cls(reactor, os.path.join(state_dir, DB_FILENAME), "")
         store._lock = lock
         try:
-            await store._pool.runInteraction(_migrate)
+            store.instance_id = await store._pool.runInteraction(_migrate)
         except BaseException:
             await store.close()
             raise
+        return store
+
+    @classmethod
+    def open_now(cls, reactor: IReactorCore, state_dir: str) -> SQLiteServiceStore:
+        """
+        ``open``, done at once on the calling thread: for start-up, before the reactor runs, so
+        that a locked directory or a newer schema stops the daemon before it serves anything.
+        """
+        os.makedirs(state_dir, exist_ok=True)
+        lock = FilesystemLock(os.path.join(state_dir, "services.lock"))
+        if not lock.lock():
+            raise StateDirLocked(f"another flynnsched is using the state directory {state_dir}")
+        path = os.path.join(state_dir, DB_FILENAME)
+        try:
+            connection = sqlite3.connect(path)
+            try:
+                _configure(connection)
+                with connection:
+                    instance_id = _migrate(connection.cursor())
+            finally:
+                connection.close()
+        except sqlite3.DatabaseError as e:
+            lock.unlock()
+            raise StoreError(f"cannot use the service store {path}: {e}") from None
+        except BaseException:
+            lock.unlock()
+            raise
+        store = cls(reactor, path, instance_id)
+        store._lock = lock
         return store
 
     async def schema_version(self) -> int:
@@ -329,7 +373,8 @@ class SQLiteServiceStore:
 class MemoryServiceStore:
     """The store contract in memory (nothing survives the process): for tests on a fake clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance_id: str | None = None) -> None:
+        self.instance_id = instance_id or secrets.token_hex(8)
         self.services: dict[str, StoredService] = {}
         self.histories: dict[str, list[HistoryEntry]] = {}
         self.closed = False

@@ -62,10 +62,12 @@ __all__ = [
 JOB_TYPE = "service"
 #: A label with the service's name (when it has one), for people reading ``docker ps``.
 LABEL_SERVICE_NAME = "io.flynnsched.service-name"
+#: The instance id of the daemon (its store) that owns the container.
+LABEL_OWNER = "io.flynnsched.owner"
 #: History entries kept in memory (and shown) per service.
 HISTORY_SHOWN = 20
 #: Seconds to wait for the engine to answer a request (pulls excepted).
-ENGINE_TIMEOUT = 60.0
+ENGINE_TIMEOUT = 30.0
 #: Seconds to wait for an image pull.
 PULL_TIMEOUT = 600.0
 
@@ -122,9 +124,9 @@ def docker_time(text: str) -> float | None:
     return seconds + (float("0." + fraction) if fraction else 0.0)
 
 
-def container_spec(service_id: str, spec: ServiceSpec) -> ContainerSpec:
-    """The container a service runs, with the flynnsched labels."""
-    labels = {LABEL_MANAGED: "1", LABEL_JOB_ID: service_id, LABEL_JOB_TYPE: JOB_TYPE}
+def container_spec(service_id: str, spec: ServiceSpec, owner: str) -> ContainerSpec:
+    """The container a service runs, with the flynnsched labels and its owner's."""
+    labels = {LABEL_MANAGED: "1", LABEL_JOB_ID: service_id, LABEL_JOB_TYPE: JOB_TYPE, LABEL_OWNER: owner}
     if spec.name is not None:
         labels[LABEL_SERVICE_NAME] = spec.name
     cpus = spec.resources.cpus
@@ -278,7 +280,14 @@ class ServiceSupervisor(Service):
         await self.ready
         if spec.name is not None and spec.name in self._names:
             raise NameTaken(f"a service named {spec.name!r} exists already")
-        await self._with_timeout(self._images.ensure(spec.image), PULL_TIMEOUT)
+        await self.require_engine()
+        try:
+            try:
+                await self._with_timeout(self._engine.inspect_image(spec.image))
+            except ImageNotFound:
+                await self._with_timeout(self._images.ensure(spec.image), PULL_TIMEOUT)
+        except TimeoutError as e:
+            raise EngineUnavailable(str(e)) from None
         if spec.name is not None and spec.name in self._names:
             raise NameTaken(f"a service named {spec.name!r} exists already")
         service_id = secrets.token_hex(8)
@@ -375,7 +384,8 @@ class ServiceSupervisor(Service):
                     filters={
                         "type": ["container"],
                         "event": ["die"],
-                        "label": [f"{LABEL_MANAGED}=1", f"{LABEL_JOB_TYPE}={JOB_TYPE}"],
+                        "label": [f"{LABEL_MANAGED}=1", f"{LABEL_JOB_TYPE}={JOB_TYPE}",
+                                  f"{LABEL_OWNER}={self._store.instance_id}"],
                     },
                     since=self._since,
                 ))
@@ -449,7 +459,7 @@ class ServiceSupervisor(Service):
         began = self._clock.seconds()
         try:
             containers = await self._with_timeout(
-                self._engine.list_containers({LABEL_MANAGED: "1", LABEL_JOB_TYPE: JOB_TYPE})
+                self._engine.list_containers(self._owned_labels())
             )
         except (EngineError, TimeoutError) as e:
             self.log.warn("cannot reconcile services: {error}", error=str(e))
@@ -539,7 +549,9 @@ class ServiceSupervisor(Service):
     async def _finish_delete(self, service: _Service) -> None:
         """Remove every container of a stopping service, then forget it."""
         try:
-            leftovers = await self._with_timeout(self._engine.list_containers({LABEL_JOB_ID: service.id}))
+            leftovers = await self._with_timeout(
+                self._engine.list_containers({**self._owned_labels(), LABEL_JOB_ID: service.id})
+            )
         except TimeoutError:
             raise EngineUnavailable("the Docker engine did not answer") from None
         for container in leftovers:
@@ -555,6 +567,10 @@ class ServiceSupervisor(Service):
         self.log.info("service {job_id} deleted", job_id=service.id)
 
     # -- carrying out decisions ----------------------------------------------------------------
+
+    def _owned_labels(self) -> dict[str, str]:
+        """The labels of every service container this daemon owns."""
+        return {LABEL_MANAGED: "1", LABEL_JOB_TYPE: JOB_TYPE, LABEL_OWNER: self._store.instance_id}
 
     def _add(self, service_id: str, spec: ServiceSpec, created_at: float, status: Status,
              history: Iterable[HistoryEntry]) -> _Service:
@@ -606,7 +622,7 @@ class ServiceSupervisor(Service):
 
     async def _start(self, service: _Service) -> None:
         """Create and start a container for ``service``, reporting each outcome as an event."""
-        spec = container_spec(service.id, service.spec)
+        spec = container_spec(service.id, service.spec, self._store.instance_id)
         try:
             try:
                 container_id = await self._with_timeout(self._engine.create_container(spec))
