@@ -61,6 +61,11 @@ class Options(usage.Options):
         ["batch-max-queued", None, 256, "Batch jobs that may wait; beyond that, 503.", int],
         ["batch-network", None, "none", "The network of batch containers: none or host."],
         ["batch-timeout", None, 0.0, "The most seconds a batch job may run; 0 for no limit.", float],
+        ["pty-linger", None, 60.0, "Seconds a PTY session runs on with no browser attached.", float],
+        ["pty-max-sessions", None, 16, "PTY sessions at most at once; beyond that, 503.", _positive],
+        ["pty-idle-timeout", None, 3600.0, "Seconds without input or output that end a PTY session; 0 for never.", float],
+        ["pty-history", None, 256 * 1024, "Bytes of recent output a PTY session keeps for a page that reconnects.", _positive],
+        ["pty-network", None, "none", "The network of PTY containers: none or host."],
         ["restart-initial-delay", None, 1.0, "Services' first restart delay in seconds (doubling).", float],
         ["restart-max-delay", None, 300.0, "Services' longest restart delay in seconds.", float],
         ["restart-reset-after", None, 600.0, "Seconds of healthy running that reset a service's backoff.", float],
@@ -69,10 +74,15 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["allowed-origin"] = []
 
     def opt_listen(self, description: str) -> None:
         """A Twisted endpoint to serve HTTP on; repeat for more [default: tcp:55005:interface=127.0.0.1]."""
         self["listen"].append(description)
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """An origin (scheme://host[:port]) besides the daemon's own that may open terminals; repeatable."""
+        self["allowed-origin"].append(origin)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -96,6 +106,15 @@ class Options(usage.Options):
             raise usage.UsageError("--batch-timeout must not be negative")
         if self["batch-max-queued"] < 0:
             raise usage.UsageError("--batch-max-queued must not be negative")
+        if self["pty-linger"] < 0 or self["pty-idle-timeout"] < 0:
+            raise usage.UsageError("--pty-linger and --pty-idle-timeout must not be negative")
+        if self["pty-network"] not in ("none", "host"):
+            raise usage.UsageError(f"--pty-network must be none or host, not {self['pty-network']!r}")
+        from flynnsched.pty.origin import normalize_origin
+
+        for origin in self["allowed-origin"]:
+            if normalize_origin(origin) is None:
+                raise usage.UsageError(f"--allowed-origin must be scheme://host[:port], not {origin!r}")
 
 
 class EngineService(Service):
@@ -131,10 +150,10 @@ def _read(path: str | None) -> bytes | None:
 
 
 def default_web_root() -> Path:
-    """The web assets installed with the package."""
-    import flynnsched
+    """The web assets installed with the package (or beside it, in a checkout)."""
+    from flynnsched.pty.assets import default_web_root as installed_web_root
 
-    return Path(flynnsched.__file__).resolve().parent / "web"
+    return installed_web_root()
 
 
 def _services(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Options) -> Service:
@@ -153,6 +172,24 @@ def _services(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options:
     except StoreError as e:
         raise SystemExit(f"flynnsched: {e}") from None
     return ServiceSupervisor(reactor, engine, store, puller, defaults)
+
+
+def _pty(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Options, web_root: Path) -> Any:
+    """The PTY session service and the ``/pty`` resource."""
+    from flynnsched.pty.service import build_pty
+    from flynnsched.pty.session import PtyConfig
+
+    config = PtyConfig(
+        linger=options["pty-linger"],
+        idle_timeout=options["pty-idle-timeout"],
+        max_sessions=options["pty-max-sessions"],
+        ring_bytes=options["pty-history"],
+        network=options["pty-network"],
+    )
+    try:
+        return build_pty(reactor, engine, puller, config, options["allowed-origin"], web_root)
+    except ValueError as e:
+        raise SystemExit(f"flynnsched: {e}") from None
 
 
 def makeService(options: Options) -> IService:
@@ -190,7 +227,9 @@ def makeService(options: Options) -> IService:
     services = _services(reactor, engine, puller, options)
     services.setServiceParent(top)
     web_root = Path(options["web-root"]) if options["web-root"] else default_web_root()
-    components = Components(batch=batch, services=services, web_root=web_root)
+    pty_service, pty = _pty(reactor, engine, puller, options, web_root)
+    pty_service.setServiceParent(top)
+    components = Components(batch=batch, services=services, web_root=web_root, pty=pty)
 
     site = Site(build_root(components))
     site.displayTracebacks = False
