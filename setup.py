@@ -13,8 +13,23 @@ setup(
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
-    packages=find_packages(include=["flynnsched", "flynnsched.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["flynnsched_plugin.py"]},
+    packages=find_packages(include=["flynnsched", "flynnsched.*"]) + ["flynnsched.web", "twisted.plugins"],
+    # The browser assets in web/ are installed as flynnsched/web: our own files and the run-time
+    # files of xterm.js (web/node_modules comes from `npm ci --prefix web`, i.e. `make web`).
+    package_dir={"flynnsched.web": "web"},
+    package_data={
+        "twisted.plugins": ["flynnsched_plugin.py"],
+        "flynnsched.web": [
+            "*.html",
+            "*.js",
+            "*.css",
+            "node_modules/@xterm/xterm/lib/xterm.js",
+            "node_modules/@xterm/xterm/css/xterm.css",
+            "node_modules/@xterm/addon-fit/lib/addon-fit.js",
+            "node_modules/@xterm/xterm/LICENSE",
+            "node_modules/@xterm/addon-fit/LICENSE",
+        ],
+    },
     include_package_data=True,
     install_requires=[
         "Twisted[tls]==26.10.0",

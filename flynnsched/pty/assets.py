@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.static import File
 
 from flynnsched.http.errors import write_json
@@ -47,9 +47,9 @@ def missing_assets(web_root: Path) -> list[str]:
 class _Missing(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         write_json(request, 404, {"error": f"no such asset: {request.path.decode('utf-8', 'replace')}"})
-        return b""
+        return NOT_DONE_YET  # already finished
 
 
 class StaticAssets(Resource):
@@ -78,5 +78,5 @@ class StaticAssets(Resource):
         asset.isLeaf = True
         return asset
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         return _Missing().render(request)

@@ -19,7 +19,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from flynnsched.command import InvalidCommand, parse_command, split_request_uri
 from flynnsched.http.errors import RETRY_AFTER, HTTPError, read_json_body, write_json
@@ -44,9 +44,9 @@ PAGE_HEADERS = {
 }
 
 
-def _error(request: Request, error: HTTPError) -> bytes:
+def _error(request: Request, error: HTTPError) -> bytes | int:
     write_json(request, error.status, {"error": error.message}, error.headers)
-    return b""
+    return NOT_DONE_YET  # already finished
 
 
 class _Page(Resource):
@@ -59,15 +59,15 @@ class _Page(Resource):
         self._parent = parent
         self._first = first
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         try:
             return self._render(request)
         except HTTPError as e:
             return _error(request, e)
 
-    def _render(self, request: Request) -> bytes:
+    def _render(self, request: Request) -> bytes | int:
         try:
-            text = b"/".join([self._first, *request.postpath]).decode("ascii")
+            text = b"/".join([self._first, *(request.postpath or [])]).decode("ascii")
         except UnicodeDecodeError:
             raise HTTPError(400, "invalid image reference: it must be ASCII") from None
         if not text:
@@ -121,14 +121,14 @@ class _SessionToken(Resource):
         super().__init__()
         self._parent = parent
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> bytes | int:
         try:
             return self._render(request)
         except HTTPError as e:
             return _error(request, e)
 
-    def _render(self, request: Request) -> bytes:
-        path = request.postpath
+    def _render(self, request: Request) -> bytes | int:
+        path = request.postpath or []
         if len(path) != 2 or path[1] != b"token":
             raise HTTPError(404, "use POST /pty/_sessions/<id>/token")
         origin = request.getHeader("origin")
@@ -143,7 +143,7 @@ class _SessionToken(Resource):
         except NoSuchSession as e:
             raise HTTPError(404, str(e)) from None
         write_json(request, 200, {"token": token}, {"Cache-Control": "no-store"})
-        return b""
+        return NOT_DONE_YET  # already finished
 
 
 class PtyResource(Resource):
@@ -176,5 +176,5 @@ class PtyResource(Resource):
             return _SessionToken(self)
         return _Page(self, path)
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         return _error(request, HTTPError(400, "an image is required: /pty/<image>?<args>"))

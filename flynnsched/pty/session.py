@@ -471,7 +471,12 @@ class PtySession:
 
     def _ended_deferred(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        self.ended.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def fire(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self.ended.addBoth(fire)
         return d
 
     # -- flow control, timers --------------------------------------------------------------
@@ -598,11 +603,11 @@ class PtyManager:
             session.attach(terminal)
             session.launch()
             return session
-        session = self.sessions.get(grant.session_id)
-        if session is None:
+        existing = self.sessions.get(grant.session_id)
+        if existing is None:
             raise NoSuchSession("the PTY session is over")
-        session.attach(terminal)
-        return session
+        existing.attach(terminal)
+        return existing
 
     def ensure_image(self, image: str) -> Deferred[Any]:
         """Make sure ``image`` is in the engine, pulling it if it is missing."""

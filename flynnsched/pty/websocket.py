@@ -97,7 +97,7 @@ class PtyServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         # twisted.web's channel is still this connection's producer; take over so that a full send
         # buffer pauses the program instead of growing the buffer.
-        transport = self.transport
+        transport: Any = self.transport
         if transport is not None and getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()
         if transport is not None:
@@ -165,16 +165,15 @@ class PtyServerProtocol(WebSocketServerProtocol):
             self.sendMessage(json.dumps(message, separators=(",", ":")).encode("utf-8"), isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
-        session, self._session = self._session, None
+        self._session = None
         if self.state == self.STATE_OPEN:
             self.sendClose(code, reason)
-        del session
 
 
 class PtyWebSocketFactory(WebSocketServerFactory):
     """Builds terminal connections for ``manager``, admitting only origins that ``origins`` allows."""
 
-    protocol = PtyServerProtocol
+    protocol = PtyServerProtocol  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -189,6 +188,8 @@ class PtyWebSocketFactory(WebSocketServerFactory):
         self.origins = origins
         self.setProtocolOptions(
             webStatus=False,
+            # Origins, "null" included, are judged in onConnect, which refuses with 403.
+            allowNullOrigin=True,
             maxMessagePayloadSize=MAX_MESSAGE,
             maxFramePayloadSize=MAX_MESSAGE,
             autoPingInterval=ping_interval,
