@@ -37,7 +37,7 @@ class Client:
     def __init__(self, clock: Clock, engine: FakeDockerEngine) -> None:
         self.supervisor = ServiceSupervisor(clock, engine, MemoryServiceStore(), random=lambda: 0.0)
         self.supervisor.startService()
-        self.stub = StubTreq(build_root(Components(batch=None, services=self.supervisor)))
+        self.stub: Any = StubTreq(build_root(Components(batch=None, services=self.supervisor)))
 
     def request(self, method: str, path: str, **kw: Any) -> tuple[Any, bytes]:
         response = result(self.stub.request(method, BASE + path, **kw))
@@ -100,7 +100,7 @@ def test_browser_form_body_is_refused(client: Client) -> None:
     response, body = client.post({"image": "flynn/busybox"}, content_type="text/plain",
                                  headers={"Origin": ["http://evil.example"]})
     assert response.code == 415
-    assert client.supervisor.list() == []
+    assert client.supervisor.views() == []
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_bad_bodies(client: Client, data: bytes, content_type: str, status: int,
     response, body = client.post(data, content_type=content_type)
     assert response.code == status
     assert needle in body["error"]
-    assert client.supervisor.list() == []
+    assert client.supervisor.views() == []
 
 
 def test_name_conflict(client: Client) -> None:
@@ -158,7 +158,12 @@ def test_delete(client: Client, clock: Clock, fake_engine: FakeDockerEngine) -> 
     _, body = client.post({"image": "flynn/busybox", "cmd": ["sleep", "100"], "stop_grace_period": 0})
     pending = client.stub.delete(BASE + f"/services/{body['id']}")
     answered: list[Any] = []
-    pending.addBoth(lambda r: answered.append(r) or r)
+
+    def answer(response: Any) -> Any:
+        answered.append(response)
+        return response
+
+    pending.addBoth(answer)
     client.stub.flush()
     assert answered == []
     clock.advance(0)  # the grace period of 0 s

@@ -167,7 +167,7 @@ def test_missing_image_is_pulled_or_refused(clock: Clock, fake_engine: FakeDocke
     assert running(fake_engine, sid)
     with pytest.raises(ImageNotFound):
         create(supervisor, image="example/missing")
-    assert len(supervisor.list()) == 1
+    assert len(supervisor.views()) == 1
 
 
 def test_names_are_unique(clock: Clock, fake_engine: FakeDockerEngine) -> None:
@@ -333,7 +333,7 @@ def test_engine_outage_and_return(clock: Clock, fake_engine: FakeDockerEngine) -
         result(Deferred.fromCoroutine(supervisor.delete(ids[0])))
     with pytest.raises(EngineUnavailable):
         create(supervisor, cmd=["sleep", "1"])
-    assert [v.id for v in supervisor.list()] == ids
+    assert [v.id for v in supervisor.views()] == ids
     assert supervisor.get(ids[0]).status.state is State.RUNNING
     clock.advance(30)
     assert supervisor.engine_available is False

@@ -151,7 +151,7 @@ class ServicesResource(_JSONResource):
             now = self._supervisor.now()
             last = self._supervisor.last_reconcile
             write_json(request, 200, {
-                "services": [service_json(v, now) for v in self._supervisor.list()],
+                "services": [service_json(v, now) for v in self._supervisor.views()],
                 "engine_reachable": self._supervisor.engine_available is not False,
                 "last_reconcile": None if last is None else {"at": _iso(last[0]), "seconds": round(last[1], 6)},
             })
@@ -213,8 +213,13 @@ class _Missing(Resource):
         return NOT_DONE_YET
 
 
+def _arg(request: Request, name: bytes) -> list[bytes] | None:
+    args: dict[bytes, list[bytes]] = request.args or {}
+    return args.get(name)
+
+
 def _flag(request: Request, name: bytes) -> bool:
-    values = (request.args or {}).get(name)
+    values = _arg(request, name)
     if not values:
         return False
     value = values[-1].decode("utf-8", "replace").lower()
@@ -226,7 +231,7 @@ def _flag(request: Request, name: bytes) -> bool:
 
 
 def _tail(request: Request) -> int | None:
-    values = (request.args or {}).get(b"tail")
+    values = _arg(request, b"tail")
     if not values:
         return None
     value = values[-1].decode("utf-8", "replace")

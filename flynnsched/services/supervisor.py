@@ -16,6 +16,7 @@ restarted as its policy says, and containers no service wants are removed.
 from __future__ import annotations
 
 import datetime
+import functools
 import random
 import re
 import secrets
@@ -253,7 +254,7 @@ class ServiceSupervisor(Service):
 
     # -- the API -----------------------------------------------------------------------------------
 
-    def list(self) -> list[ServiceView]:
+    def views(self) -> list[ServiceView]:
         """Every service, oldest first."""
         return [s.view() for s in sorted(self._services.values(), key=lambda s: s.created_at)]
 
@@ -476,7 +477,7 @@ class ServiceSupervisor(Service):
                     work.append(self._spawn(self._remove(container.id)))
         for service in list(self._services.values()):
             owned = by_service.get(service.id, [])
-            work.append(self._spawn(self._locked(service, lambda s=service, o=owned: self._reconcile_one(s, o))))
+            work.append(self._spawn(self._locked(service, functools.partial(self._reconcile_one, service, owned))))
         await gatherResults(work, consumeErrors=True).addErrback(lambda _: None)
         took = self._clock.seconds() - began
         self.last_reconcile = (self._clock.seconds(), took)
