@@ -341,3 +341,20 @@ async def test_engine_restart_under_a_running_daemon(private_engine: PrivateEngi
         assert daemon.process.poll() is None
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_benchmarks_measure_what_they_document(services_daemon: Any, reactor: Any) -> None:
+    """bench/services.py's functions run against the real engine and return their documented keys."""
+    from bench.services import bench_reconcile, bench_restart
+
+    host = need_engine_or_skip()
+    daemon = await services_daemon()
+    restart = await bench_restart(reactor, daemon.url, host, runs=1)
+    assert restart["flynnsched_ms"]["n"] == 1 and restart["docker_ms"]["n"] == 1
+    assert 0 < restart["flynnsched_ms"]["median"] < 5000 and 0 < restart["docker_ms"]["median"] < 5000
+    assert restart["ratio"] == pytest.approx(restart["flynnsched_ms"]["median"] / restart["docker_ms"]["median"], rel=0.01)
+    reconcile = await bench_reconcile(reactor, host, services=2, runs=1, killed=1)
+    assert reconcile["kept"] == 1 and reconcile["revived"] == 1
+    assert reconcile["restarted"] == 0 and reconcile["duplicates"] == 0
+    assert 0 < reconcile["median_reconcile_s"] < reconcile["median_spawn_to_all_running_s"]
