@@ -303,7 +303,8 @@ async def bench_reconcile(reactor: Any, docker_host: str, services: int = 20, ru
                           killed: int = 3) -> dict[str, Any]:
     """
     ``runs`` times: ``kill -9`` a daemon running ``services`` services, kill ``killed`` of their
-    containers meanwhile, start the daemon again on the same state directory.
+    containers meanwhile (other ones each run), start the daemon again on the same state
+    directory. The killed ones come back after the default first restart delay (1 s).
 
     It starts and removes its own daemon (and its containers) on ``docker_host``.
 
@@ -345,10 +346,12 @@ async def bench_reconcile(reactor: Any, docker_host: str, services: int = 20, ru
 
         listing = await _poll(reactor, lambda: all_running(daemon.url), 120, "every service to run")
         owner = _owner(state_dir)
-        for _ in range(runs):
+        for run in range(runs):
             before = {v["id"]: v["container_id"] for v in listing["services"]}
             daemon.stop(signal.SIGKILL)
-            victims = list(before)[:killed]
+            # Other victims each run, so that each comes back after its first backoff delay.
+            order = list(before)
+            victims = [order[(run * killed + k) % services] for k in range(killed)]
             for sid in victims:
                 await client.kill_container(before[sid], "KILL")
             began = time.monotonic()
