@@ -358,3 +358,28 @@ async def test_benchmarks_measure_what_they_document(services_daemon: Any, react
     assert reconcile["kept"] == 1 and reconcile["revived"] == 1
     assert reconcile["restarted"] == 0 and reconcile["duplicates"] == 0
     assert 0 < reconcile["median_reconcile_s"] < reconcile["median_spawn_to_all_running_s"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_helloweb_demo(services_daemon: Any) -> None:
+    """The README's example: flynn/helloweb as a host-network service answers on its PORT until deleted."""
+    from tests.conftest import free_port
+
+    daemon = await services_daemon()
+    port = free_port()
+    code, body, _ = await call("POST", daemon.url + "/services", {
+        "image": "flynn/helloweb", "network": "host", "env": {"PORT": str(port)}, "name": "hello",
+    }, content_type="application/x-www-form-urlencoded")
+    assert code == 201, body
+
+    async def page() -> bytes | None:
+        try:
+            response = await treq.get(f"http://127.0.0.1:{port}/", timeout=2)
+            return await treq.content(response) if response.code == 200 else None
+        except Exception:
+            return None
+
+    assert b"Hello from flynnsched" in await poll(page, timeout=20, what="the helloweb page")
+    code, _, _ = await call("DELETE", daemon.url + "/services/hello")
+    assert code == 204
+    assert await page() is None
