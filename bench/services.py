@@ -354,11 +354,22 @@ async def bench_reconcile(reactor: Any, docker_host: str, services: int = 20, ru
             victims = [order[(run * killed + k) % services] for k in range(killed)]
             for sid in victims:
                 await client.kill_container(before[sid], "KILL")
+
+            async def victims_dead() -> bool:
+                return not any([(await client.inspect_container(before[sid])).running for sid in victims])
+
+            await _poll(reactor, victims_dead, 10, "the killed containers to stop")
             began = time.monotonic()
             daemon = _Daemon(docker_host, state_dir)
             await daemon.ready(reactor)
             result["spawn_to_http_s"].append(round(time.monotonic() - began, 3))
-            listing = await _poll(reactor, lambda: all_running(daemon.url), 60, "every service to run again")
+            async def revived(url: str = daemon.url) -> dict[str, Any] | None:
+                listing = await all_running(url)
+                if listing and all(v["container_id"] != before[v["id"]] for v in listing["services"] if v["id"] in victims):
+                    return listing
+                return None
+
+            listing = await _poll(reactor, revived, 60, "every service to run again")
             result["spawn_to_all_running_s"].append(round(time.monotonic() - began, 3))
             result["reconcile_s"].append(listing["last_reconcile"]["seconds"])
             after = {v["id"]: v["container_id"] for v in listing["services"]}

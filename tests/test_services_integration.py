@@ -207,9 +207,21 @@ async def test_kill_9_of_the_daemon_loses_nothing(services_daemon: Any, real_eng
     for sid in victims:
         await real_engine.kill_container(before[sid]["container_id"], "KILL")
 
+    async def victims_dead() -> bool:
+        states = [await real_engine.inspect_container(before[sid]["container_id"]) for sid in victims]
+        return not any(state.running for state in states)
+
+    await poll(victims_dead, timeout=10, what="the killed containers to stop")
+
+    async def all_running_again() -> list[dict[str, Any]] | None:
+        views = await all_running()
+        if views and all(v["container_id"] != before[v["id"]]["container_id"] for v in views if v["id"] in victims):
+            return views
+        return None
+
     began = time.monotonic()
     daemon = await services_daemon(state_dir=state_dir)
-    after = {v["id"]: v for v in await poll(all_running, timeout=30, interval=0.1, what="all running again")}
+    after = {v["id"]: v for v in await poll(all_running_again, timeout=30, interval=0.1, what="all running again")}
     revived_in = time.monotonic() - began
     assert revived_in < 10.0
     for sid in ids[3:]:
