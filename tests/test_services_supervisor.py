@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
 from flynnsched.docker.interface import LABEL_JOB_ID, LABEL_JOB_TYPE, LABEL_MANAGED, ContainerSpec, EngineUnavailable
@@ -41,7 +41,7 @@ def make(clock: Clock, engine: FakeDockerEngine, store: MemoryServiceStore | Non
 
 def create(supervisor: ServiceSupervisor, **body: Any) -> str:
     body.setdefault("image", "flynn/busybox")
-    view = result(Deferred.fromCoroutine(supervisor.create(parse_service_spec(body))))
+    view = result((supervisor.create(parse_service_spec(body))))
     return str(view.id)
 
 
@@ -122,7 +122,7 @@ def test_delete_stops_gracefully_then_removes(clock: Clock, fake_engine: FakeDoc
     store = MemoryServiceStore(OWNER)
     supervisor = make(clock, fake_engine, store)
     sid = create(supervisor, cmd=["sleep", "1000"], stop_grace_period=3)
-    done = Deferred.fromCoroutine(supervisor.delete(sid))
+    done = (supervisor.delete(sid))
     assert not done.called
     assert supervisor.get(sid).status.state is State.STOPPING
     assert store.services[sid].status.state is State.STOPPING
@@ -141,7 +141,7 @@ def test_delete_in_backoff_cancels_the_restart(clock: Clock, fake_engine: FakeDo
     supervisor = make(clock, fake_engine)
     sid = create(supervisor, cmd=["false"])
     assert supervisor.get(sid).status.state is State.BACKOFF
-    result(Deferred.fromCoroutine(supervisor.delete(sid)))
+    result((supervisor.delete(sid)))
     clock.advance(1000)
     assert service_containers(fake_engine, sid) == []
     assert clock.getDelayedCalls() == []
@@ -330,7 +330,7 @@ def test_engine_outage_and_return(clock: Clock, fake_engine: FakeDockerEngine) -
         fake_engine.containers[running(fake_engine, sid)[0]].exited(143)
     assert supervisor.engine_available is False
     with pytest.raises(EngineUnavailable):
-        result(Deferred.fromCoroutine(supervisor.delete(ids[0])))
+        result((supervisor.delete(ids[0])))
     with pytest.raises(EngineUnavailable):
         create(supervisor, cmd=["sleep", "1"])
     assert [v.id for v in supervisor.views()] == ids
@@ -358,6 +358,21 @@ def test_engine_down_while_restarting_waits_for_it(clock: Clock, fake_engine: Fa
     clock.advance(5.0)
     assert len(running(fake_engine, sid)) == 1
     assert supervisor.get(sid).status.state is State.RUNNING
+
+
+def test_cancelled_requests_still_complete(clock: Clock, fake_engine: FakeDockerEngine) -> None:
+    """A client that leaves mid-DELETE (its Deferred cancelled) does not stop the deletion."""
+    store = MemoryServiceStore(OWNER)
+    supervisor = make(clock, fake_engine, store)
+    sid = create(supervisor, cmd=["sleep", "1000"], stop_grace_period=2)
+    pending = supervisor.delete(sid)
+    pending.cancel()
+    with pytest.raises(CancelledError):
+        result(pending)
+    clock.advance(2)
+    assert service_containers(fake_engine, sid) == [] and store.services == {}
+    with pytest.raises(NoSuchService):
+        supervisor.get(sid)
 
 
 def test_stopping_the_daemon_leaves_containers_running(clock: Clock, fake_engine: FakeDockerEngine) -> None:

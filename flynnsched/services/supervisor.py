@@ -30,6 +30,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gathe
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IPushProducer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from flynnsched.docker.images import ImagePuller
 from flynnsched.docker.interface import (
@@ -47,7 +48,7 @@ from flynnsched.docker.interface import (
 )
 from flynnsched.services import policy
 from flynnsched.services.policy import State, Status
-from flynnsched.services.spec import ID_PATTERN, RestartPolicy, ServiceSpec
+from flynnsched.services.spec import RestartPolicy, ServiceSpec
 from flynnsched.services.store import HistoryEntry, IServiceStore, NameTaken, StoredService
 
 __all__ = [
@@ -252,6 +253,28 @@ class ServiceSupervisor(Service):
         d.addErrback(lambda f: None if f.check(CancelledError) else self.log.failure("service task failed", f))
         return d
 
+    def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
+        """
+        Run ``coroutine`` to its end whatever happens to the returned Deferred: cancelling that
+        only stops the wait (an HTTP client that goes away must not leave half a service behind).
+        """
+        work = Deferred.fromCoroutine(coroutine)
+        self._tasks.add(work)
+        outcome: Deferred[T] = Deferred(lambda _: None)
+
+        def finished(result: Any) -> None:
+            self._tasks.discard(work)
+            if not outcome.called:
+                if isinstance(result, Failure):
+                    outcome.errback(result)
+                else:
+                    outcome.callback(result)
+            elif isinstance(result, Failure) and not result.check(CancelledError):
+                self.log.failure("an operation whose client left failed", result)
+
+        work.addBoth(finished)
+        return outcome
+
     # -- the API -----------------------------------------------------------------------------------
 
     def views(self) -> list[ServiceView]:
@@ -270,14 +293,18 @@ class ServiceSupervisor(Service):
             raise NoSuchService(f"no service {key!r}")
         return service
 
-    async def create(self, spec: ServiceSpec) -> ServiceView:
+    def create(self, spec: ServiceSpec) -> Deferred[ServiceView]:
         """
         Accept a new service: check its image (pulling it if missing), store it durably, then
         start its first container in the background.
 
         Fails with ``NameTaken``, ``ImageNotFound`` and the engine's errors (``EngineUnavailable``
-        when it cannot be reached).
+        when it cannot be reached). Cancelling the Deferred (a client that went away) does not
+        stop the creation halfway.
         """
+        return self._shielded(self._create(spec))
+
+    async def _create(self, spec: ServiceSpec) -> ServiceView:
         await self.ready
         if spec.name is not None and spec.name in self._names:
             raise NameTaken(f"a service named {spec.name!r} exists already")
@@ -310,15 +337,19 @@ class ServiceSupervisor(Service):
         self._spawn(self._locked(service, lambda: self._dispatch(service, policy.StartRequested())))
         return service.view()
 
-    async def delete(self, key: str) -> None:
+    def delete(self, key: str) -> Deferred[None]:
         """
         Delete a service: stop its container gracefully (stop signal, grace period, SIGKILL),
         remove its containers, forget it. The intent is stored first, so a deletion that an engine
         outage or a crash interrupts is finished by the next reconciliation.
 
         Fails with ``NoSuchService``, and ``EngineUnavailable`` when the engine is unreachable
-        (before anything was done) or became so midway.
+        (before anything was done) or became so midway. Cancelling the Deferred does not stop
+        the deletion.
         """
+        return self._shielded(self._delete(key))
+
+    async def _delete(self, key: str) -> None:
         await self.ready
         service = self._lookup(key)
         await self.require_engine()
@@ -698,13 +729,7 @@ class ServiceSupervisor(Service):
 
 
 def _timed_out(result: Any, timeout: float) -> Any:
-    from twisted.python.failure import Failure
-
     if isinstance(result, Failure) and result.check(CancelledError):
         raise TimeoutError(f"the Docker engine did not answer within {timeout:g}s")
     return result
 
-
-def is_service_id(text: str) -> bool:
-    """Whether ``text`` has the shape of a service id."""
-    return bool(ID_PATTERN.match(text))
