@@ -395,3 +395,40 @@ async def test_helloweb_demo(services_daemon: Any) -> None:
     code, _, _ = await call("DELETE", daemon.url + "/services/hello")
     assert code == 204
     assert await page() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_logs_on_the_real_engine(services_daemon: Any, real_engine: Any) -> None:
+    """Logs: tail of the current container, the previous one's after a kill, and a live follow."""
+    daemon = await services_daemon()
+    script = "echo boot $HOSTNAME; sleep 0.2; echo oops >&2; while true; do sleep 0.2; done"
+    code, body, _ = await call("POST", daemon.url + "/services", {"image": BUSYBOX, "cmd": ["sh", "-c", script]})
+    assert code == 201, body
+    first = (await poll(lambda: _running(daemon.url, body["id"]), timeout=20, what="running"))["container_id"]
+    logs = f"{daemon.url}/services/{body['id']}/logs"
+
+    async def text(url: str, **kw: Any) -> bytes:
+        response = await treq.get(url, timeout=10, **kw)
+        assert response.code == 200
+        return await treq.content(response)  # type: ignore[no-any-return]
+
+    async def both_lines() -> bytes | None:
+        output = await text(logs)
+        return output if output.count(b"\n") >= 2 else None
+
+    assert await poll(both_lines, timeout=10, what="output") == f"boot {first[:12]}\noops\n".encode()
+    assert await text(logs + "?tail=1") == b"oops\n"
+    ndjson = await text(logs, headers={"Accept": ["application/x-ndjson"]})
+    assert [json.loads(line)["stream"] for line in ndjson.splitlines()] == ["stdout", "stderr"]
+    await real_engine.kill_container(first, "KILL")
+    second = (await poll(lambda: _running(daemon.url, body["id"], not_container=first), timeout=20,
+                         what="a replacement"))["container_id"]
+    assert await text(logs + "?previous=1") == f"boot {first[:12]}\noops\n".encode()
+    response = await treq.get(logs + "?follow=1", timeout=10, unbuffered=True)
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    await poll(lambda: b"".join(received).count(b"\n") >= 2, timeout=10, what="follow output")
+    assert not done.called
+    await real_engine.kill_container(second, "KILL")
+    await done
+    assert b"".join(received) == f"boot {second[:12]}\noops\n".encode()

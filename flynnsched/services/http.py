@@ -348,7 +348,7 @@ class ServiceLogsResource(_JSONResource):
                     raise
             finally:
                 request.unregisterProducer()
-            if not request.finished:
+            if not request.finished and not getattr(request, "_disconnected", False):
                 request.finish()
 
         return respond(request, lambda: _mapped(handle))
