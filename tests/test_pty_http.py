@@ -281,3 +281,35 @@ async def test_static_assets(server: Server) -> None:
         response = await treq.get(f"{server.base}/static/{name}")
         assert response.code == 404, name
         await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_pauses_the_program(reactor: Any, server: Server) -> None:
+    """When the WebSocket's send buffer is full the engine attachment is paused, so the daemon holds little."""
+    from twisted.internet.task import deferLater
+
+    token = await server.page_token("/pty/flynn/busybox?cat")
+    factory, client = await open_terminal(reactor, server, token)
+    client.sendMessage(json.dumps({"type": "hello", "offset": 0, "cols": 80, "rows": 24}).encode())
+    await poll(lambda: any(m.get("state") == "running" for m in factory.controls), what="running")
+    session = next(iter(server.manager.sessions.values()))
+    client.transport.pauseProducing()
+    chunk = b"y\n" * 32768
+    on_screen = len(chunk.replace(b"\n", b"\r\n"))  # a TTY turns "\n" into "\r\n"
+    emitted = 0
+    while emitted - session.ring.end < 4 * 1024 * 1024:
+        assert emitted < 256 * 1024 * 1024, "the attachment was never paused"
+        server.engine.emit_output(session.container_id, chunk)
+        emitted += on_screen
+        await deferLater(reactor, 0, lambda: None)
+    held = session.ring.end
+    for _ in range(20):
+        server.engine.emit_output(session.container_id, chunk)
+        emitted += on_screen
+        await deferLater(reactor, 0.01, lambda: None)
+    # While the client is stuck the daemon reads (almost) nothing more: the engine holds the rest.
+    assert session.ring.end - held < 20 * on_screen
+    client.transport.resumeProducing()
+    await poll(lambda: session.ring.end == emitted, 30, what="the held output to flow again")
+    await poll(lambda: len(factory.output) == emitted, 30, what="the client to get everything")
+    client.sendClose()
