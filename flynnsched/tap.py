@@ -187,7 +187,7 @@ def _pty(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Opti
         network=options["pty-network"],
     )
     try:
-        return build_pty(reactor, engine, puller, config, options["allowed-origin"], web_root)
+        return build_pty(reactor, engine, puller, config, options["allowed-origin"], web_root, Path(options["state-dir"]))
     except ValueError as e:
         raise SystemExit(f"flynnsched: {e}") from None
 

@@ -313,3 +313,25 @@ async def test_a_client_that_stops_reading_pauses_the_program(reactor: Any, serv
     await poll(lambda: session.ring.end == emitted, 30, what="the held output to flow again")
     await poll(lambda: len(factory.output) == emitted, 30, what="the client to get everything")
     client.sendClose()
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_is_503_when_all_sessions_are_in_use(reactor: Any) -> None:
+    """Beyond --pty-max-sessions the page answers 503 with Retry-After, and the WebSocket too."""
+    server = Server(reactor, max_sessions=1)
+    try:
+        spare = await server.page_token()
+        factory, client = await open_terminal(reactor, server, await server.page_token())
+        await poll(lambda: server.engine.containers, what="the container")
+        response = await treq.get(server.base + "/pty/flynn/busybox?sh")
+        body = await treq.json_content(response)
+        assert response.code == 503
+        assert response.headers.getRawHeaders("retry-after") == ["5"]
+        assert "in use" in body["error"]
+        status = await raw_handshake(reactor, server.number, server.base, [SUBPROTOCOL, TOKEN_PREFIX + spare])
+        assert status == 503
+        assert len(server.engine.containers) == 1
+        client.sendClose()
+    finally:
+        await server.manager.stop()
+        await server.port.stopListening()

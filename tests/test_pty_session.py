@@ -360,3 +360,23 @@ def test_stop_ends_every_session(clock: Clock, fake_engine: FakeDockerEngine) ->
     assert done.called
     assert fake_engine.containers == {}
     assert manager.sessions == {}
+
+
+def test_leftovers_of_this_daemon_are_removed_and_no_others(clock: Clock, fake_engine: FakeDockerEngine) -> None:
+    """On start, PTY containers with this daemon's owner label but no session are removed; others stay."""
+    from flynnsched.docker.interface import ContainerSpec
+
+    owner = {"io.flynnsched.pty-owner": "me"}
+    manager = manager_for(clock, fake_engine, labels=owner)
+    live, terminal = start(manager)
+    pty = {LABEL_MANAGED: "1", LABEL_JOB_TYPE: "pty"}
+    mine = fake_engine.create_container(ContainerSpec("flynn/busybox", labels={**pty, **owner}))
+    other = fake_engine.create_container(ContainerSpec("flynn/busybox", labels={**pty, "io.flynnsched.pty-owner": "you"}))
+    done = manager.remove_leftovers()
+    assert done.called
+    assert set(fake_engine.containers) == {live.container_id, other.result}
+    assert mine.result not in fake_engine.containers
+    # Without an owner label nothing is touched.
+    bare = manager_for(clock, fake_engine)
+    bare.remove_leftovers()
+    assert other.result in fake_engine.containers

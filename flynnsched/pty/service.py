@@ -3,14 +3,19 @@ The PTY part of the daemon: the session manager as a service, and its resource.
 
 ``build_pty`` is what ``flynnsched.tap`` calls: it checks the web assets, makes the manager and the
 ``/pty`` resource, and returns a service that ends every session (removing its container) when the
-daemon stops.
+daemon stops. PTY containers carry their daemon's owner label (derived from its state directory), so
+that on start a daemon removes the ones an earlier run of itself left behind (after a crash), and
+never another daemon's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from pathlib import Path
 from typing import Any, Iterable
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -23,12 +28,25 @@ from flynnsched.pty.session import PtyConfig, PtyManager
 
 log = Logger()
 
+#: The label naming the daemon that owns a PTY container.
+LABEL_PTY_OWNER = "io.flynnsched.pty-owner"
+
+
+def owner_id(state_dir: Path) -> str:
+    """A stable id for the daemon that keeps its state in ``state_dir`` on this host."""
+    key = f"{socket.gethostname()}:{Path(state_dir).resolve()}"
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
 
 class PtyService(Service):
     """Ends every PTY session when the daemon stops."""
 
     def __init__(self, manager: PtyManager) -> None:
         self.manager = manager
+
+    def startService(self) -> None:
+        super().startService()
+        self.manager.remove_leftovers().addErrback(lambda f: log.failure("removing leftover PTY containers", f))
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -42,6 +60,7 @@ def build_pty(
     config: PtyConfig,
     allowed_origins: Iterable[str],
     web_root: Path,
+    state_dir: Path,
 ) -> tuple[PtyService, PtyResource]:
     """
     The PTY service and the ``/pty`` resource.
@@ -57,6 +76,7 @@ def build_pty(
             web_root=str(web_root),
             missing=", ".join(missing),
         )
+    config = attrs.evolve(config, labels={**config.labels, LABEL_PTY_OWNER: owner_id(state_dir)})
     manager = PtyManager(reactor, engine, config, puller)
     resource = PtyResource(manager, OriginPolicy(allowed_origins), web_root, reactor)
     return PtyService(manager), resource

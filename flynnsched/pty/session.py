@@ -615,6 +615,28 @@ class PtyManager:
             return self._puller.ensure(image)
         return self.engine.pull_image(image)
 
+    def remove_leftovers(self) -> Deferred[None]:
+        """
+        Remove PTY containers that carry this manager's ``labels`` but belong to no session: what an
+        earlier run of the daemon left behind. Without extra labels nothing is touched, as the
+        containers could be another daemon's.
+        """
+        return Deferred.fromCoroutine(self._remove_leftovers())
+
+    async def _remove_leftovers(self) -> None:
+        if not self.config.labels:
+            return
+        wanted = {**self.config.labels, LABEL_MANAGED: "1", LABEL_JOB_TYPE: "pty"}
+        mine = {s.container_id for s in self.sessions.values()}
+        for container in await self.engine.list_containers(wanted):
+            if container.id in mine:
+                continue
+            log.info("removing PTY container {container_id} left from an earlier run", container_id=container.id)
+            try:
+                await self.engine.remove_container(container.id, force=True)
+            except NoSuchContainer:
+                pass
+
     def stop(self) -> Deferred[Any]:
         """End every session and remove its container."""
         return DeferredList([s.terminate("the daemon is stopping") for s in list(self.sessions.values())])
