@@ -332,3 +332,85 @@ async def test_real_daemon_refuses_foreign_origin_and_bad_tokens(daemon: Any, re
     assert (await raw_handshake(reactor, daemon.port, daemon.url, ["flynnsched.pty.v1"])) == 403
     assert (await raw_handshake(reactor, daemon.port, daemon.url, ["flynnsched.pty.v1", "flynnsched.token.x"])) == 403
     assert "starting PTY session" not in daemon.log()
+
+
+#: A TCP forwarder that cuts every connection on SIGUSR1: a network failure on demand.
+PROXY = r"""
+import asyncio, signal, sys
+listen_port, target_port = int(sys.argv[1]), int(sys.argv[2])
+pairs = set()
+
+async def pipe(reader, writer):
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+async def handle(client_reader, client_writer):
+    server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
+    pair = (client_writer, server_writer)
+    pairs.add(pair)
+    await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+    pairs.discard(pair)
+
+def cut():
+    for client_writer, server_writer in list(pairs):
+        client_writer.transport.abort()
+        server_writer.transport.abort()
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, cut)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def cuttable(daemon: Any) -> Iterator[Any]:
+    """A forwarder to the daemon whose connections can be cut; yields (url, cut)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROXY, str(port), str(daemon.port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        yield f"http://127.0.0.1:{port}", lambda: process.send_signal(signal.SIGUSR1)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_reconnects_by_itself_after_a_network_failure(cuttable: Any, page: TerminalPage) -> None:
+    """When the connection is cut the page reconnects to the same session and continues without repeating output."""
+    url, cut = cuttable
+    page.open(f"{url}/pty/flynn/busybox?sh")
+    page.wait_state("running")
+    page.type("echo before-$((2+2))\n")
+    page.wait_row("before-4")
+    container_id = page.status("container-id")
+    assert page.status("connections") == "1"
+    cut()
+    page.wait(lambda: page.status("connections") == "2" and page.status("state") == "running", what="a reconnection")
+    assert page.status("container-id") == container_id
+    page.type("echo after-$((5+5))\n")
+    page.wait_row("after-10")
+    assert page.rows().count("before-4") == 1
+    page.screenshot("pty-reconnected")

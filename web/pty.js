@@ -44,6 +44,7 @@
   var offset = 0;                 // output bytes shown so far
   var ended = false;
   var attempts = 0;
+  var connections = 0;            // WebSockets opened by this page so far
   var reconnectTimer = null;
   var heartbeatTimer = null;
   var lastHeard = 0;
@@ -209,6 +210,8 @@
     pauseSent = false;
     socket.onopen = function () {
       attempts = 0;
+      connections += 1;
+      statusEl.dataset.connections = String(connections);
       lastHeard = Date.now();
       control({ type: "hello", offset: offset, cols: term.cols, rows: term.rows });
       startHeartbeat();
