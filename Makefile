@@ -86,6 +86,7 @@ run: venv images web
 
 test: venv images web browser
 	@$(WITH_ENGINE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory bench-smoke
 
 bench: venv images web
 	@$(WITH_ENGINE) $(VENV)/bin/python bench/run.py
