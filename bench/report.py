@@ -115,61 +115,96 @@ def _finite_numbers(value: Any, where: str, problems: list[str]) -> None:
             _finite_numbers(v, f"{where}[{i}]", problems)
 
 
-def check_document(doc: Mapping[str, Any]) -> list[str]:
+def check_document(doc: Mapping[str, Any], expected: Iterable[str] | None = None) -> dict[str, list[str]]:
     """
-    What is wrong with a results document: missing sections or keys, sections that failed, rows
-    without a value, numbers that are not finite, samples fewer than asked for. Empty when well-formed.
+    What is wrong with a results document, by section (``"document"`` for the whole): missing
+    sections or keys, sections that failed, rows without a value, numbers that are not finite,
+    fewer samples than asked for, failed jobs. A section with no problems maps to an empty list.
 
-    A section that could not run because its feature is not there yet (``"available": false``
-    with a ``reason``) is well-formed; one that ran and failed is not.
+    A section that could not run because its feature is not there (``"available": false`` with a
+    ``reason``) is well-formed; one that ran and failed is not.
     """
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {"document": []}
     for key in ("date", "git", "machine", "config", "sections", "rows"):
         if key not in doc:
-            problems.append(f"the document has no {key!r}")
+            problems["document"].append(f"the document has no {key!r}")
     sections = doc.get("sections", {})
-    for name, keys in SECTIONS.items():
+    for name in expected if expected is not None else SECTIONS:
+        found = problems[name] = []
         section = sections.get(name)
         if section is None:
-            problems.append(f"section {name} is missing")
+            found.append(f"section {name} is missing")
             continue
         if section.get("error"):
-            problems.append(f"section {name} failed: {section['error']}")
+            found.append(f"section {name} failed: {section['error']}")
             continue
         if section.get("available") is False:
             if not section.get("reason"):
-                problems.append(f"section {name} is unavailable without a reason")
+                found.append(f"section {name} is unavailable without a reason")
             continue
-        for key in keys:
+        for key in SECTIONS[name]:
             if key not in section:
-                problems.append(f"section {name} has no {key!r}")
-        if not section.get("rows"):
-            problems.append(f"section {name} has no summary rows")
-        _finite_numbers(section, name, problems)
-    for row in doc.get("rows", []):
-        if row.get("flynnsched") is None:
-            problems.append(f"row {row.get('figure')!r} has no flynnsched value")
-    problems += _sample_counts(sections)
+                found.append(f"section {name} has no {key!r}")
+        rows = section.get("rows") or []
+        if not rows:
+            found.append(f"section {name} has no summary rows")
+        for row in rows:
+            if row.get("flynnsched") is None:
+                found.append(f"row {row.get('figure')!r} has no flynnsched value")
+        _finite_numbers(section, name, found)
+        if not found:
+            found += _SAMPLE_CHECKS.get(name, lambda _: [])(section)
     return problems
 
 
-def _sample_counts(sections: Mapping[str, Any]) -> list[str]:
-    """Every sampled figure has as many samples as the run asked for, and no job failed."""
-    problems: list[str] = []
-    latency = sections.get("latency", {})
-    for name, figures in latency.get("methods", {}).items():
-        if figures["n"] != latency["runs"]:
-            problems.append(f"latency of {name}: {figures['n']} samples, not {latency['runs']}")
-    throughput = sections.get("throughput", {})
-    for case, data in throughput.get("cases", {}).items():
-        for name, figures in data["methods"].items():
-            if figures["streaming"]["n"] != throughput["reps"]:
-                problems.append(f"throughput {case} of {name}: {figures['streaming']['n']} samples")
-    for level, data in sections.get("concurrency", {}).get("levels", {}).items():
-        for name, figures in data["methods"].items():
-            if figures["errors"]:
-                problems.append(f"concurrency {level} of {name}: {figures['errors']} errors {figures['error_samples']}")
-    slow = sections.get("slow_reader", {})
-    if slow.get("read") is not None and slow["read"]["bytes_read"] <= 0:
-        problems.append("the slow reader read nothing")
-    return problems
+def _latency_samples(section: Mapping[str, Any]) -> list[str]:
+    return [
+        f"latency of {name}: {figures['n']} samples, not {section['runs']}"
+        for name, figures in section["methods"].items()
+        if figures["n"] != section["runs"]
+    ]
+
+
+def _throughput_samples(section: Mapping[str, Any]) -> list[str]:
+    return [
+        f"throughput {case} of {name}: {figures['streaming']['n']} samples, not {section['reps']}"
+        for case, data in section["cases"].items()
+        for name, figures in data["methods"].items()
+        if figures["streaming"]["n"] != section["reps"]
+    ]
+
+
+def _concurrency_errors(section: Mapping[str, Any]) -> list[str]:
+    return [
+        f"concurrency {level} of {name}: {figures['errors']} errors {figures['error_samples']}"
+        for level, data in section["levels"].items()
+        for name, figures in data["methods"].items()
+        if figures["errors"]
+    ]
+
+
+def _slow_reader_read(section: Mapping[str, Any]) -> list[str]:
+    return [] if section["read"]["bytes_read"] > 0 else ["the slow reader read nothing"]
+
+
+def _pty_samples(section: Mapping[str, Any]) -> list[str]:
+    return [f"PTY round trips of {name}: none" for name, f in section["round_trip"].items() if not f["n"]]
+
+
+def _services_samples(section: Mapping[str, Any]) -> list[str]:
+    found = []
+    if section["restart"]["flynnsched_ms"]["n"] != section["restart"]["runs"]:
+        found.append("services: fewer restarts measured than asked for")
+    if section["reconcile"]["duplicates"] or section["reconcile"]["restarted"]:
+        found.append(f"services: reconciliation restarted or duplicated containers: {section['reconcile']}")
+    return found
+
+
+_SAMPLE_CHECKS: dict[str, Any] = {
+    "latency": _latency_samples,
+    "throughput": _throughput_samples,
+    "concurrency": _concurrency_errors,
+    "slow_reader": _slow_reader_read,
+    "pty": _pty_samples,
+    "services": _services_samples,
+}
