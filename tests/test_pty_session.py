@@ -380,3 +380,24 @@ def test_leftovers_of_this_daemon_are_removed_and_no_others(clock: Clock, fake_e
     bare = manager_for(clock, fake_engine)
     bare.remove_leftovers()
     assert other.result in fake_engine.containers
+
+
+def test_replay_marks_history_that_a_terminal_has_already_answered(clock: Clock, fake_engine: FakeDockerEngine) -> None:
+    """History shown before is marked as replay (its queries were answered); output nobody saw is not."""
+    manager = manager_for(clock, fake_engine)
+    session, first = start(manager)
+    session.hello(first, 0, 80, 24)
+    fake_engine.emit_output(session.container_id, b"seen\x1b[6n")
+    session.detach(first)
+    fake_engine.emit_output(session.container_id, b"unseen\x1b[6n")
+    second = FakeTerminal()
+    manager.connect(manager.redeem(manager.attach_token(session.id, session.secret)), second)
+    session.hello(second, 0, 80, 24)
+    assert {"type": "replay", "length": len(b"seen\x1b[6n")} in second.controls
+    assert bytes(second.output) == b"seen\x1b[6nunseen\x1b[6n"
+    # A terminal that reconnects after seeing everything gets no replay at all.
+    third = FakeTerminal()
+    manager.connect(manager.redeem(manager.attach_token(session.id, session.secret)), third)
+    session.hello(third, len(second.output), 80, 24)
+    assert not [m for m in third.controls if m["type"] in ("replay", "reset")]
+    assert bytes(third.output) == b""

@@ -49,6 +49,8 @@
   var heartbeatTimer = null;
   var lastHeard = 0;
   var pending = 0;
+  var replayFrames = 0;           // frames of history whose queries were answered before
+  var quiet = 0;                  // writes in progress whose replies to the program are dropped
   var pauseSent = false;
 
   function readSaved() {
@@ -95,9 +97,15 @@
     }
   }
 
-  function write(bytes) {
+  function write(bytes, replayed) {
     pending += bytes.length;
+    if (replayed) {
+      quiet += 1;
+    }
     term.write(bytes, function () {
+      if (replayed) {
+        quiet -= 1;
+      }
       pending -= bytes.length;
       if (pauseSent && pending < LOW_WATER) {
         pauseSent = false;
@@ -145,6 +153,9 @@
         break;
       case "status":
         onStatus(message);
+        break;
+      case "replay":
+        replayFrames += 1;
         break;
       case "reset":
         term.reset();
@@ -207,6 +218,7 @@
     socket.binaryType = "arraybuffer";
     ws = socket;
     pending = 0;
+    replayFrames = 0;
     pauseSent = false;
     socket.onopen = function () {
       attempts = 0;
@@ -226,7 +238,11 @@
       } else {
         var bytes = new Uint8Array(event.data);
         offset += bytes.length;
-        write(bytes);
+        var replayed = replayFrames > 0;
+        if (replayed) {
+          replayFrames -= 1;
+        }
+        write(bytes, replayed);
       }
     };
     socket.onclose = function (event) {
@@ -288,9 +304,15 @@
   }
 
   term.onData(function (data) {
+    if (quiet > 0) {
+      return;  // xterm.js answering a query in replayed history: the program had its answer
+    }
     sendInput(encoder.encode(data));
   });
   term.onBinary(function (data) {
+    if (quiet > 0) {
+      return;
+    }
     var bytes = new Uint8Array(data.length);
     for (var i = 0; i < data.length; i++) {
       bytes[i] = data.charCodeAt(i) & 0xff;

@@ -145,6 +145,8 @@ class PtySession:
         self.reason: str | None = None
         self.size: tuple[int, int] | None = None  # (rows, cols)
         self.ring = RingBuffer(self._config.ring_bytes)
+        #: The offset up to which output has reached a terminal.
+        self._delivered = 0
         #: Fires once the container is gone and the session is over.
         self.ended: Deferred[None] = Deferred()
         self._terminal: Terminal | None = None
@@ -222,8 +224,15 @@ class PtySession:
             skip = skip_partial_utf8(data) if begin > 0 else 0
             begin, data = begin + skip, data[skip:]
             terminal.send_control({"type": "reset", "offset": begin})
-        if data:
-            terminal.send_output(data)
+        # Output that a terminal has shown before had its queries (cursor position, …) answered
+        # then: the page replays it without answering again. What nobody saw is plain output.
+        seen = max(0, min(len(data), self._delivered - begin))
+        if seen:
+            terminal.send_control({"type": "replay", "length": seen})
+            terminal.send_output(data[:seen])
+        if len(data) > seen:
+            terminal.send_output(data[seen:])
+        self._delivered = self.ring.end
         self._ready = True
         self._update_flow()
         if not self.live:
@@ -390,6 +399,7 @@ class PtySession:
         self._last_activity = self._clock.seconds()
         if self._terminal is not None and self._ready:
             self._terminal.send_output(data)
+            self._delivered = self.ring.end
 
     def _on_stream_end(self) -> None:
         self._stream_ended = True

@@ -10,7 +10,9 @@ Control messages from the page: ``{"type": "hello", "offset", "cols", "rows"}`` 
 much output the page already shows), ``resize`` (``cols``, ``rows``), ``pause`` and ``resume``
 (flow control of the page's renderer) and ``ping`` (answered ``pong``). From the daemon:
 ``session`` (``id`` and ``secret``, for reattaching), ``status`` (``state``, ``job_id``, ``image``,
-``container_id``, ``exit_code`` …) and ``reset`` (``offset``: the history sent next starts there).
+``container_id``, ``exit_code`` …), ``reset`` (``offset``: the history sent next starts there) and
+``replay`` (``length``: the next binary frame is history a terminal has shown before, whose queries
+were answered then and must not be answered again).
 """
 
 from __future__ import annotations
