@@ -24,6 +24,7 @@ from flynnsched.docker.interface import (
     LABEL_JOB_ID,
     LABEL_JOB_TYPE,
     LABEL_MANAGED,
+    LABEL_OWNER,
     ContainerSpec,
     EngineError,
     IDockerEngine,
@@ -65,7 +66,8 @@ class BatchConfig:
     How batch jobs run: at most ``max_running`` at once with ``max_queued`` waiting, in the
     ``network`` given, with ``log_driver`` for the engine's own copy of the output (``none`` by
     default: the output streams to the client, and the container is removed after). ``timeout``
-    is the longest a job may run, in seconds (None: no limit); a job may ask for less.
+    is the longest a job may run, in seconds (None: no limit); a job may ask for less. ``owner``
+    is the daemon's instance id, labelled on every container (``LABEL_OWNER``).
     """
 
     max_running: int = 16
@@ -73,6 +75,7 @@ class BatchConfig:
     network: str = "none"
     log_driver: str | None = "none"
     timeout: float | None = None
+    owner: str = ""
 
 
 @attrs.frozen
@@ -86,6 +89,7 @@ class BatchJob:
     cmd: tuple[str, ...] | None = None
     stdin: bytes | None = None
     timeout: float | None = None
+    owner: str = ""
 
 
 @attrs.frozen
@@ -171,7 +175,9 @@ class BatchRunner:
         spec = ContainerSpec(
             image=job.image,
             cmd=job.cmd,
-            labels={LABEL_MANAGED: "1", LABEL_JOB_ID: job_id, LABEL_JOB_TYPE: "batch"},
+            labels={
+                LABEL_MANAGED: "1", LABEL_JOB_ID: job_id, LABEL_JOB_TYPE: "batch", LABEL_OWNER: self.config.owner,
+            },
             network=self.config.network,
             log_driver=self.config.log_driver,
             open_stdin=job.stdin is not None,

@@ -22,7 +22,7 @@ from flynnsched.batch import BatchConfig, BatchRunner
 from flynnsched.docker.address import BadEngineAddress, endpoint_factory, parse_engine_address
 from flynnsched.docker.client import DockerClient
 from flynnsched.docker.images import PULL_POLICIES, ImagePuller
-from flynnsched.docker.interface import LABEL_JOB_TYPE, LABEL_MANAGED, EngineError, IDockerEngine
+from flynnsched.docker.interface import LABEL_JOB_TYPE, LABEL_MANAGED, LABEL_OWNER, EngineError, IDockerEngine
 from flynnsched.http.root import Components, build_root
 
 log = Logger()
@@ -119,12 +119,13 @@ class Options(usage.Options):
 
 class EngineService(Service):
     """
-    Owns the engine client: on start, removes batch containers that a previous run of the
-    daemon left behind (their clients are gone); on stop, closes the connection pool.
+    Owns the engine client: on start, removes batch containers that a previous run of this
+    daemon (``owner``) left behind (their clients are gone); on stop, closes the connection pool.
     """
 
-    def __init__(self, client: DockerClient) -> None:
+    def __init__(self, client: DockerClient, owner: str) -> None:
         self.client = client
+        self.owner = owner
 
     def startService(self) -> None:
         super().startService()
@@ -132,7 +133,9 @@ class EngineService(Service):
 
     async def _remove_orphans(self) -> None:
         try:
-            leftovers = await self.client.list_containers({LABEL_MANAGED: "1", LABEL_JOB_TYPE: "batch"})
+            leftovers = await self.client.list_containers(
+                {LABEL_MANAGED: "1", LABEL_JOB_TYPE: "batch", LABEL_OWNER: self.owner}
+            )
             for container in leftovers:
                 log.info("removing batch container {container_id} left from an earlier run",
                          container_id=container.id)
@@ -156,25 +159,31 @@ def default_web_root() -> Path:
     return installed_web_root()
 
 
-def _services(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Options) -> Service:
-    """The service-job supervisor, its SQLite store in the state directory."""
-    from flynnsched.services.spec import RestartPolicy
+def _open_store(reactor: Any, options: Options) -> Any:
+    """The daemon's SQLite store in its state directory; its instance id names the daemon."""
     from flynnsched.services.store import SQLiteServiceStore, StoreError
-    from flynnsched.services.supervisor import ServiceSupervisor
 
     try:
-        defaults = RestartPolicy(initial_delay=options["restart-initial-delay"],
-                                 max_delay=options["restart-max-delay"],
-                                 reset_after=options["restart-reset-after"])
-        if not 0 <= defaults.initial_delay <= defaults.max_delay or defaults.reset_after < 0:
-            raise StoreError("--restart-* delays must satisfy 0 <= initial <= max, reset-after >= 0")
-        store = SQLiteServiceStore.open_now(reactor, options["state-dir"])
+        return SQLiteServiceStore.open_now(reactor, options["state-dir"])
     except StoreError as e:
         raise SystemExit(f"flynnsched: {e}") from None
+
+
+def _services(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Options, store: Any) -> Service:
+    """The service-job supervisor on ``store``."""
+    from flynnsched.services.spec import RestartPolicy
+    from flynnsched.services.supervisor import ServiceSupervisor
+
+    defaults = RestartPolicy(initial_delay=options["restart-initial-delay"],
+                             max_delay=options["restart-max-delay"],
+                             reset_after=options["restart-reset-after"])
+    if not 0 <= defaults.initial_delay <= defaults.max_delay or defaults.reset_after < 0:
+        raise SystemExit("flynnsched: --restart-* delays must satisfy 0 <= initial <= max, reset-after >= 0")
     return ServiceSupervisor(reactor, engine, store, puller, defaults)
 
 
-def _pty(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Options, web_root: Path) -> Any:
+def _pty(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Options, web_root: Path,
+         owner: str) -> Any:
     """The PTY session service and the ``/pty`` resource."""
     from flynnsched.pty.service import build_pty
     from flynnsched.pty.session import PtyConfig
@@ -187,7 +196,7 @@ def _pty(reactor: Any, engine: IDockerEngine, puller: ImagePuller, options: Opti
         network=options["pty-network"],
     )
     try:
-        return build_pty(reactor, engine, puller, config, options["allowed-origin"], web_root, Path(options["state-dir"]))
+        return build_pty(reactor, engine, puller, config, options["allowed-origin"], web_root, owner)
     except ValueError as e:
         raise SystemExit(f"flynnsched: {e}") from None
 
@@ -210,7 +219,9 @@ def makeService(options: Options) -> IService:
             _read(options["docker-tls-key"]),
         ),
     )
-    EngineService(client).setServiceParent(top)
+    store = _open_store(reactor, options)
+    owner: str = store.instance_id
+    EngineService(client, owner).setServiceParent(top)
     engine: IDockerEngine = client
     puller = ImagePuller(engine, options["pull"])
     batch = BatchRunner(
@@ -222,12 +233,13 @@ def makeService(options: Options) -> IService:
             max_queued=options["batch-max-queued"],
             network=options["batch-network"],
             timeout=options["batch-timeout"] or None,
+            owner=owner,
         ),
     )
-    services = _services(reactor, engine, puller, options)
+    services = _services(reactor, engine, puller, options, store)
     services.setServiceParent(top)
     web_root = Path(options["web-root"]) if options["web-root"] else default_web_root()
-    pty_service, pty = _pty(reactor, engine, puller, options, web_root)
+    pty_service, pty = _pty(reactor, engine, puller, options, web_root, owner)
     pty_service.setServiceParent(top)
     components = Components(batch=batch, services=services, web_root=web_root, pty=pty)
 

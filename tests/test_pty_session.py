@@ -366,12 +366,12 @@ def test_leftovers_of_this_daemon_are_removed_and_no_others(clock: Clock, fake_e
     """On start, PTY containers with this daemon's owner label but no session are removed; others stay."""
     from flynnsched.docker.interface import ContainerSpec
 
-    owner = {"io.flynnsched.pty-owner": "me"}
+    owner = {"io.flynnsched.owner": "me"}
     manager = manager_for(clock, fake_engine, labels=owner)
     live, terminal = start(manager)
     pty = {LABEL_MANAGED: "1", LABEL_JOB_TYPE: "pty"}
     mine = fake_engine.create_container(ContainerSpec("flynn/busybox", labels={**pty, **owner}))
-    other = fake_engine.create_container(ContainerSpec("flynn/busybox", labels={**pty, "io.flynnsched.pty-owner": "you"}))
+    other = fake_engine.create_container(ContainerSpec("flynn/busybox", labels={**pty, "io.flynnsched.owner": "you"}))
     done = manager.remove_leftovers()
     assert done.called
     assert set(fake_engine.containers) == {live.container_id, other.result}

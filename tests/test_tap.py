@@ -5,6 +5,7 @@ The daemon's command line: defaults, validation, and the service tree it builds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.application.service import IServiceCollection
@@ -68,3 +69,17 @@ def test_make_service(tmp_path: Path) -> None:
     names = [type(s).__name__ for s in IServiceCollection(service)]
     assert names.count("StreamServerEndpointService") == 2
     assert "EngineService" in names
+
+
+def test_leftover_batch_containers_of_this_daemon_only(fake_engine: Any) -> None:
+    """At start the daemon removes the batch containers its earlier run left, never another daemon's."""
+    from flynnsched.docker.interface import LABEL_JOB_TYPE, LABEL_MANAGED, LABEL_OWNER, ContainerSpec
+    from flynnsched.tap import EngineService
+
+    batch = {LABEL_MANAGED: "1", LABEL_JOB_TYPE: "batch"}
+    for owner in ("me", "you"):
+        fake_engine.create_container(ContainerSpec("flynn/busybox", labels={**batch, LABEL_OWNER: owner}))
+    service = EngineService(fake_engine, "me")
+    service.startService()
+    left = [c.spec.labels[LABEL_OWNER] for c in fake_engine.containers.values()]
+    assert left == ["you"]

@@ -21,6 +21,9 @@ LABEL_MANAGED = "io.flynnsched.managed"
 LABEL_JOB_ID = "io.flynnsched.job-id"
 #: The job type: ``batch``, ``service`` or ``pty``.
 LABEL_JOB_TYPE = "io.flynnsched.job-type"
+#: The daemon that owns the container: its instance id, kept in its state directory. A daemon only
+#: adopts, cleans up or removes containers it owns, so several daemons can share one engine.
+LABEL_OWNER = "io.flynnsched.owner"
 
 
 class EngineError(Exception):

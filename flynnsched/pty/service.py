@@ -3,15 +3,13 @@ The PTY part of the daemon: the session manager as a service, and its resource.
 
 ``build_pty`` is what ``flynnsched.tap`` calls: it checks the web assets, makes the manager and the
 ``/pty`` resource, and returns a service that ends every session (removing its container) when the
-daemon stops. PTY containers carry their daemon's owner label (derived from its state directory), so
-that on start a daemon removes the ones an earlier run of itself left behind (after a crash), and
-never another daemon's.
+daemon stops. PTY containers carry their daemon's owner label (``LABEL_OWNER``, the daemon's
+instance id), so that on start a daemon removes the ones an earlier run of itself left behind (after
+a crash), and never another daemon's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import socket
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,23 +18,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from flynnsched.docker.interface import IDockerEngine
+from flynnsched.docker.interface import LABEL_OWNER, IDockerEngine
 from flynnsched.pty.assets import missing_assets
 from flynnsched.pty.origin import OriginPolicy
 from flynnsched.pty.resource import PtyResource
 from flynnsched.pty.session import PtyConfig, PtyManager
 
 log = Logger()
-
-#: The label naming the daemon that owns a PTY container.
-LABEL_PTY_OWNER = "io.flynnsched.pty-owner"
-
-
-def owner_id(state_dir: Path) -> str:
-    """A stable id for the daemon that keeps its state in ``state_dir`` on this host."""
-    key = f"{socket.gethostname()}:{Path(state_dir).resolve()}"
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
 
 class PtyService(Service):
     """Ends every PTY session when the daemon stops."""
@@ -60,7 +48,7 @@ def build_pty(
     config: PtyConfig,
     allowed_origins: Iterable[str],
     web_root: Path,
-    state_dir: Path,
+    owner: str,
 ) -> tuple[PtyService, PtyResource]:
     """
     The PTY service and the ``/pty`` resource.
@@ -76,7 +64,7 @@ def build_pty(
             web_root=str(web_root),
             missing=", ".join(missing),
         )
-    config = attrs.evolve(config, labels={**config.labels, LABEL_PTY_OWNER: owner_id(state_dir)})
+    config = attrs.evolve(config, labels={**config.labels, LABEL_OWNER: owner})
     manager = PtyManager(reactor, engine, config, puller)
     resource = PtyResource(manager, OriginPolicy(allowed_origins), web_root, reactor)
     return PtyService(manager), resource

@@ -326,6 +326,9 @@ class PtySession:
                 labels=labels,
                 tty=True,
                 open_stdin=True,
+                # The daemon holds one attachment for the session's life: if it dies with the
+                # daemon, the program reads end of file instead of waiting forever.
+                stdin_once=True,
                 network=self._config.network,
                 log_driver="none",
             )

@@ -37,6 +37,7 @@ from flynnsched.docker.interface import (
     LABEL_JOB_ID,
     LABEL_JOB_TYPE,
     LABEL_MANAGED,
+    LABEL_OWNER,
     ContainerSpec,
     ContainerSummary,
     EngineError,
@@ -64,8 +65,6 @@ __all__ = [
 JOB_TYPE = "service"
 #: A label with the service's name (when it has one), for people reading ``docker ps``.
 LABEL_SERVICE_NAME = "io.flynnsched.service-name"
-#: The instance id of the daemon (its store) that owns the container.
-LABEL_OWNER = "io.flynnsched.owner"
 #: History entries kept in memory (and shown) per service.
 HISTORY_SHOWN = 20
 #: Seconds to wait for the engine to answer a request (pulls excepted).
