@@ -77,7 +77,7 @@ $(WEB_STAMP): web/package-lock.json
 	@touch $@
 
 browser:
-	@test -x /usr/bin/chromedriver || scripts/debian-install chromium chromium-driver fonts-dejavu-core
+	@scripts/debian-install chromium chromium-driver fonts-dejavu-core fonts-wqy-microhei
 
 run: venv images web
 	@mkdir -p $(STATE_DIR)
