@@ -185,6 +185,16 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
         daemon.stop()
 
 
+def result(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that must have fired already."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
 async def poll(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Call ``predicate`` (sync or async) until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -18,20 +18,12 @@ from flynnsched.docker.interface import LABEL_JOB_ID, LABEL_JOB_TYPE, LABEL_MANA
 from flynnsched.http.root import Components, build_root
 from flynnsched.testing import FakeDockerEngine
 
+from .conftest import result
+
 
 def make_stub(engine: FakeDockerEngine, **config: Any) -> tuple[StubTreq, BatchRunner]:
     runner = BatchRunner(engine, ImagePuller(engine), engine.clock, BatchConfig(**config))
     return StubTreq(build_root(Components(batch=runner))), runner
-
-
-def result(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that must have fired already."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def get(stub: StubTreq, url: str, **kw: Any) -> tuple[Any, bytes]:

@@ -18,17 +18,9 @@ from flynnsched.services.store import MemoryServiceStore
 from flynnsched.services.supervisor import ServiceSupervisor
 from flynnsched.testing import FakeDockerEngine
 
+from .conftest import result
+
 BASE = "http://flynnsched"
-
-
-def result(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that must have fired already."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 class Client:

@@ -19,15 +19,7 @@ from flynnsched.services.store import HistoryEntry, MemoryServiceStore, NameTake
 from flynnsched.services.supervisor import NoContainer, NoSuchService, ServiceSupervisor, container_spec
 from flynnsched.testing import FakeDockerEngine
 
-
-def result(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that must have fired already."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
+from .conftest import result
 
 
 OWNER = "0123456789abcdef"
