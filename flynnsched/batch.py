@@ -1,10 +1,12 @@
 """
 Batch jobs: one-off containers whose output streams to a consumer while they run.
 
-``BatchRunner.run`` admits a job (a bounded number run at once, a bounded queue waits), makes sure
-its image is there, creates the container, attaches before starting it, streams its output to a
-``BatchSink`` with the consumer's flow control, and always removes the container at the end —
-also when the consumer goes away and the run is cancelled.
+``BatchRunner.run`` admits a job (a bounded number run at once, a bounded queue waits), creates
+the container (pulling its image first if the engine lacks it), attaches before starting it,
+streams its output to a ``BatchSink`` with the consumer's flow control, and always removes the
+container at the end — also when the consumer goes away and the run is cancelled. The result is
+returned once the exit code is known; the removal follows in the background, holding the job's
+slot until the container is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flynnsched.docker.interface import (
     ContainerSpec,
     EngineError,
     IDockerEngine,
+    ImageNotFound,
     NoSuchContainer,
 )
 from flynnsched.docker.mux import Demultiplexer, MuxProtocolError
@@ -165,13 +168,18 @@ class BatchRunner:
             )
         job_id = job_id or self.new_job_id()
         await self._slots.acquire()
+        removal: list[Deferred[None]] = []
         try:
-            return await self._run(job_id, job, sink)
+            return await self._run(job_id, job, sink, removal)
         finally:
-            self._slots.release()
+            # The job's result goes out as soon as it is known; its slot stays taken until its
+            # container is gone, so no more than ``max_running`` containers exist at once.
+            if removal:
+                removal[0].addBoth(lambda _: self._slots.release())
+            else:
+                self._slots.release()
 
-    async def _run(self, job_id: str, job: BatchJob, sink: BatchSink) -> BatchResult:
-        await self._puller.ensure(job.image)
+    async def _run(self, job_id: str, job: BatchJob, sink: BatchSink, removal: list[Deferred[None]]) -> BatchResult:
         spec = ContainerSpec(
             image=job.image,
             cmd=job.cmd,
@@ -183,7 +191,13 @@ class BatchRunner:
             open_stdin=job.stdin is not None,
             stdin_once=job.stdin is not None,
         )
-        container_id = await self._engine.create_container(spec)
+        try:
+            container_id = await self._engine.create_container(spec)
+        except ImageNotFound:
+            # Create first and pull only when the image is missing, as ``docker run`` does: the
+            # usual case costs no image inspection.
+            await self._puller.ensure(job.image)
+            container_id = await self._engine.create_container(spec)
         self.running[job_id] = container_id
         log.info("batch job {job_id} created container {container_id}", job_id=job_id, container_id=container_id)
         timer = None
@@ -222,7 +236,8 @@ class BatchRunner:
             if timer is not None and timer.active():
                 timer.cancel()
             del self.running[job_id]
-            await self._remove(job_id, container_id)
+            # Removed in the background: a cancelled job can't stop it, and the result need not wait.
+            removal.append(Deferred.fromCoroutine(self._remove(job_id, container_id)))
 
     async def _remove(self, job_id: str, container_id: str) -> None:
         """
