@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from flynnsched.docker.address import BadEngineAddress, endpoint_factory, parse_engine_address
-from flynnsched.docker.attach import HijackProtocol
+from flynnsched.docker.attach import LARGE_READ, HijackProtocol
 from flynnsched.docker.images import ImagePuller
 from flynnsched.docker.interface import EngineError, EngineUnavailable, ImageNotFound, NoSuchContainer
 from flynnsched.testing import FakeDockerEngine
@@ -107,6 +107,45 @@ def test_hijack_other_error_and_cut() -> None:
     protocol, _, _, outcome = hijack()
     protocol.connectionLost(Failure(ConnectionError("gone")))
     assert outcome[0].check(EngineUnavailable)
+
+
+def test_hijack_gathers_small_reads() -> None:
+    """With a gather delay, reading pauses for that long after a small read, never after a large one."""
+    clock = Clock()
+    inner = Recorder()
+    protocol = HijackProtocol(b"POST /x HTTP/1.1\r\n\r\n", "abc", inner, clock, 0.001)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"HTTP/1.1 101 UPGRADED\r\n\r\n")
+    protocol.dataReceived(b"small")
+    assert inner.data == b"small" and transport.producerState == "paused"
+    clock.advance(0.001)
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b"x" * LARGE_READ)
+    assert transport.producerState == "producing" and not clock.getDelayedCalls()
+
+
+def test_gather_keeps_a_consumer_pause() -> None:
+    """A consumer's pause outlasts the gather delay; the consumer's resume ends it."""
+    clock = Clock()
+    protocol = HijackProtocol(b"POST /x HTTP/1.1\r\n\r\n", "abc", Recorder(), clock, 0.001)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    outcome: list[Any] = []
+    protocol.attached.addCallback(outcome.append)
+    protocol.dataReceived(b"HTTP/1.1 101 UPGRADED\r\n\r\nsmall")
+    (attachment,) = outcome
+    attachment.pauseProducing()
+    attachment.resumeProducing()
+    assert transport.producerState == "paused"  # still gathering
+    attachment.pauseProducing()
+    clock.advance(0.001)
+    assert transport.producerState == "paused"
+    attachment.resumeProducing()
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b"more")
+    protocol.connectionLost(Failure(ConnectionError("done")))
+    assert not clock.getDelayedCalls()
 
 
 def test_pulls_are_shared() -> None:

@@ -14,9 +14,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHalfCloseableProtocol,
     IProtocol,
     IPushProducer,
+    IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -34,12 +36,27 @@ from flynnsched.docker.interface import (
 MAX_HEAD = 64 * 1024
 
 
+#: Reads at least this large come from a stream that is already read in large pieces.
+LARGE_READ = 48 * 1024
+
+
 @implementer(IAttachment, IPushProducer)
 class Attachment:
-    """An ``IAttachment`` over the hijacked connection's transport."""
+    """
+    An ``IAttachment`` over the hijacked connection's transport.
 
-    def __init__(self, transport: Any) -> None:
+    With a ``clock`` and a ``gather`` delay, a small read is followed by a pause of that many
+    seconds before the next: while output flows, the engine's small frames (a few KiB each) gather
+    into one large read, so relaying a stream costs far fewer wakeups and system calls. Output is
+    never held back: what was read is delivered at once, and only the next read waits.
+    """
+
+    def __init__(self, transport: Any, clock: IReactorTime | None = None, gather: float = 0.0) -> None:
         self._transport = transport
+        self._clock = clock
+        self._gather = gather if clock is not None else 0.0
+        self._paused = False
+        self._gathering: IDelayedCall | None = None
 
     def write(self, data: bytes) -> None:
         self._transport.write(data)
@@ -48,16 +65,39 @@ class Attachment:
         self._transport.loseWriteConnection()
 
     def close(self) -> None:
+        self._stop_gathering()
         self._transport.loseConnection()
 
     def pauseProducing(self) -> None:
+        self._paused = True
         self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
+        self._paused = False
+        if self._gathering is None:
+            self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._transport.loseConnection()
+        self.close()
+
+    def _read(self, size: int) -> None:
+        """``size`` bytes were just read: after a small read, wait before reading again."""
+        if not self._gather or size >= LARGE_READ or self._gathering is not None:
+            return
+        assert self._clock is not None
+        self._transport.pauseProducing()
+        self._gathering = self._clock.callLater(self._gather, self._gathered)
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        if not self._paused:
+            self._transport.resumeProducing()
+
+    def _stop_gathering(self) -> None:
+        if self._gathering is not None:
+            if self._gathering.active():
+                self._gathering.cancel()
+            self._gathering = None
 
 
 def _error_for(status: int, body: bytes, container_id: str) -> EngineError:
@@ -79,8 +119,14 @@ class HijackProtocol(Protocol):
     with a named engine error.
     """
 
-    def __init__(self, request: bytes, container_id: str, inner: IProtocol) -> None:
+    def __init__(
+        self, request: bytes, container_id: str, inner: IProtocol, clock: IReactorTime | None = None,
+        gather: float = 0.0,
+    ) -> None:
         self._request = request
+        self._clock = clock
+        self._gather = gather
+        self._attachment: Attachment | None = None
         self._container_id = container_id
         self._inner = inner
         self._head = b""
@@ -96,6 +142,8 @@ class HijackProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._streaming:
             self._inner.dataReceived(data)
+            if self._attachment is not None:
+                self._attachment._read(len(data))
             return
         if self._error_body is not None:
             self._error_body += data
@@ -118,11 +166,12 @@ class HijackProtocol(Protocol):
         if self._status in (101, 200):
             # 101 after the upgrade; 200 from engines that hijack without announcing it.
             self._streaming = True
-            attachment = Attachment(self.transport)
+            attachment = self._attachment = Attachment(self.transport, self._clock, self._gather)
             self._inner.makeConnection(attachment)  # type: ignore[arg-type]
             self.attached.callback(attachment)
             if rest:
                 self._inner.dataReceived(rest)
+                attachment._read(len(rest))
             return
         for line in lines[1:]:
             name, _, value = line.partition(b":")
@@ -152,6 +201,8 @@ class HijackProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self._attachment is not None:
+            self._attachment._stop_gathering()
         if self._streaming:
             self._inner.connectionLost(reason)
         elif not self.attached.called:
@@ -164,11 +215,17 @@ class HijackProtocol(Protocol):
 
 
 def hijack_attach(
-    endpoint: IStreamClientEndpoint, path: str, container_id: str, inner: IProtocol
+    endpoint: IStreamClientEndpoint,
+    path: str,
+    container_id: str,
+    inner: IProtocol,
+    clock: IReactorTime | None = None,
+    gather: float = 0.0,
 ) -> Deferred[Attachment]:
     """
     Connect to ``endpoint``, send ``POST path`` as an upgrade to a raw stream, and pass the stream
-    to ``inner``. Fires with the ``Attachment`` once attached.
+    to ``inner``. Fires with the ``Attachment`` once attached; ``clock`` and ``gather`` are the
+    ``Attachment``'s.
     """
     request = (
         f"POST {path} HTTP/1.1\r\n"
@@ -179,7 +236,7 @@ def hijack_attach(
         "Upgrade: tcp\r\n"
         "\r\n"
     ).encode("ascii")
-    protocol = HijackProtocol(request, container_id, inner)
+    protocol = HijackProtocol(request, container_id, inner, clock, gather)
 
     def connected(_: object) -> Deferred[Attachment]:
         return protocol.attached
