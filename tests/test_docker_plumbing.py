@@ -110,7 +110,7 @@ def test_hijack_other_error_and_cut() -> None:
 
 
 def test_hijack_gathers_small_reads() -> None:
-    """With a gather delay, reading pauses for that long after a small read, never after a large one."""
+    """With a gather delay, reading pauses for that long after a small read, but not after a large one or its tail."""
     clock = Clock()
     inner = Recorder()
     protocol = HijackProtocol(b"POST /x HTTP/1.1\r\n\r\n", "abc", inner, clock, 0.001)
@@ -122,7 +122,10 @@ def test_hijack_gathers_small_reads() -> None:
     clock.advance(0.001)
     assert transport.producerState == "producing"
     protocol.dataReceived(b"x" * LARGE_READ)
+    protocol.dataReceived(b"tail")
     assert transport.producerState == "producing" and not clock.getDelayedCalls()
+    protocol.dataReceived(b"small again")
+    assert transport.producerState == "paused"
 
 
 def test_gather_keeps_a_consumer_pause() -> None:

@@ -45,10 +45,12 @@ class Attachment:
     """
     An ``IAttachment`` over the hijacked connection's transport.
 
-    With a ``clock`` and a ``gather`` delay, a small read is followed by a pause of that many
-    seconds before the next: while output flows, the engine's small frames (a few KiB each) gather
-    into one large read, so relaying a stream costs far fewer wakeups and system calls. Output is
-    never held back: what was read is delivered at once, and only the next read waits.
+    With a ``clock`` and a ``gather`` delay, two small reads in a row are followed by a pause of
+    that many seconds before the next: while output flows, the engine's small frames (a few KiB
+    each) gather into one large read, so relaying a stream costs far fewer wakeups and system
+    calls. A small read right after a large one is the end of a backlog, not a slow stream, and
+    does not pause. Output is never held back: what was read is delivered at once, and only the
+    next read waits.
     """
 
     def __init__(self, transport: Any, clock: IReactorTime | None = None, gather: float = 0.0) -> None:
@@ -57,6 +59,7 @@ class Attachment:
         self._gather = gather if clock is not None else 0.0
         self._paused = False
         self._gathering: IDelayedCall | None = None
+        self._large = False
 
     def write(self, data: bytes) -> None:
         self._transport.write(data)
@@ -81,8 +84,9 @@ class Attachment:
         self.close()
 
     def _read(self, size: int) -> None:
-        """``size`` bytes were just read: after a small read, wait before reading again."""
-        if not self._gather or size >= LARGE_READ or self._gathering is not None:
+        """``size`` bytes were just read: after two small reads in a row, wait before reading again."""
+        after_large, self._large = self._large, size >= LARGE_READ
+        if not self._gather or self._large or after_large or self._gathering is not None:
             return
         assert self._clock is not None
         self._transport.pauseProducing()

@@ -45,9 +45,10 @@ log = Logger()
 #: The Engine API version every request names (Docker 20.10 and later speak it).
 API_VERSION = "v1.41"
 
-#: Seconds an output-only attach waits after a small read before reading again (see ``Attachment``):
-#: it cuts the CPU a relayed stream costs by about two thirds, for at most this delay per read.
-GATHER_OUTPUT = 0.0005
+#: Seconds an output-only attach waits after small reads before reading again (see ``Attachment``):
+#: it cuts the CPU a relayed stream costs by about two thirds, for at most this delay per read
+#: (the reactor's poll has millisecond granularity: a shorter delay would be a millisecond too).
+GATHER_OUTPUT = 0.001
 
 #: Errors that mean the engine could not be reached or the connection broke.
 _UNREACHABLE = (ConnectError, DNSLookupError, ConnectionLost, ResponseFailed, OSError)
