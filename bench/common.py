@@ -284,6 +284,8 @@ class RunResult:
     consumer_cpu: float | None = None
     #: CPU seconds of the process between the engine and the consumer (flynnsched, the CLI).
     relay_cpu: float | None = None
+    #: Seconds until the exit code was known, where that is before the end (the removal after it).
+    exit_seconds: float | None = None
 
     @property
     def streaming_seconds(self) -> float:
@@ -313,11 +315,12 @@ async def run_direct(client: DockerClient, cmd: tuple[str, ...], label: str, kee
         await client.start_container(container_id)
         await stream.ended
         exit_code = await client.wait_container(container_id)
+        to_exit = time.perf_counter() - start
     finally:
         await client.remove_container(container_id, force=True)
     return RunResult(
         time.perf_counter() - start, stream.size, stream.first, stream.last, exit_code,
-        consumer_cpu=time.process_time() - cpu,
+        consumer_cpu=time.process_time() - cpu, exit_seconds=to_exit,
     )
 
 

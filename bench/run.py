@@ -54,12 +54,12 @@ MiB = 1024 * 1024
 #: Sizes of the full run and of the smoke run.
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
-        "latency": {"runs": 30, "warmup": 3},
-        "throughput": {"bytes_size": 256 * MiB, "lines_size": 64 * MiB, "reps": 3},
+        "latency": {"runs": 50, "warmup": 3},
+        "throughput": {"bytes_size": 256 * MiB, "lines_size": 64 * MiB, "reps": 5},
         "concurrency": {"levels": [20, 50], "rounds": 3},
         "slow_reader": {"total": 1024 * MiB, "rate": 1_000_000, "seconds": 25.0},
         "pty": {"round_trips": 200, "idle_sessions": 200},
-        "services": {"restarts": 5, "services": 10, "reconcile_runs": 3},
+        "services": {"restarts": 10, "services": 20, "reconcile_runs": 3},
     },
     "smoke": {
         "latency": {"runs": 3, "warmup": 1},

@@ -26,6 +26,8 @@ async def bench_services(ctx: Context, restarts: int, services: int, reconcile_r
         Row(f"Reconcile {services} services after kill -9: spawn to all running, median (s)",
             reconcile["median_spawn_to_all_running_s"], None, None, None, None,
             "no container restarted or duplicated", wrong == 0),
+        Row("Reconcile: spawn to first HTTP answer, median (s)", reconcile["median_spawn_to_http_s"], None, None,
+            None, None, "", None),
         Row("Reconcile: the daemon's own reconciliation, median (s)", reconcile["median_reconcile_s"], None, None,
             None, None, "", None),
     ]
