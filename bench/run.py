@@ -2,7 +2,7 @@
 """
 Benchmarks of flynnsched against Docker itself, side by side in one run.
 
-    make bench                       the full run (~10 minutes): writes bench/results/<date>.json
+    make bench                       the full run (about 4 minutes): writes bench/results/<date>.json
     make bench-smoke                 every benchmark at tiny sizes; checks the results' shape, not times
     .venv/bin/python bench/run.py --only latency,throughput [--out FILE]
 
@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -87,7 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; check the results' shape")
     parser.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
-    parser.add_argument("--out", help="the results file [default: bench/results/<date>.json; smoke: a temp file]")
+    parser.add_argument("--out", help="the results file [default: bench/results/<date>.json; smoke: a temp "
+                        "file, removed when the results are well-formed]")
     parser.add_argument("--docker", help="the engine [default: $DOCKER_HOST, else scripts/docker-engine ensure]")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
@@ -115,6 +117,17 @@ def git_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine(engine_version: dict[str, Any]) -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
@@ -122,7 +135,7 @@ def machine(engine_version: dict[str, Any]) -> dict[str, Any]:
         "python": platform.python_version(),
         "docker": engine_version.get("Version"),
         "docker_api": engine_version.get("ApiVersion"),
-        "storage_driver_note": "see docker info",
+        "cpu_model": _cpu_model(),
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -180,7 +193,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     print(markdown(rows))
-    print(f"\nresults: {out} ({doc['seconds']} s)")
+    print(f"\nresults: {out} ({doc['seconds']} s){' (removed if well-formed)' if args.smoke and not args.out else ''}")
     problems = check_document(doc, args.sections)
     if leftovers:
         problems["document"].append(f"{leftovers} baseline containers were left behind (removed now)")
@@ -196,6 +209,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
           + ("" if not problems["document"] else " (and the document is malformed)"))
     if failed:
         raise SystemExit(1)
+    if args.smoke and not args.out:
+        shutil.rmtree(out.parent, ignore_errors=True)  # a smoke run's figures mean nothing: keep no file
 
 
 def output_path(args: argparse.Namespace) -> Path:
