@@ -153,6 +153,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     rows: list[Row] = []
     try:
         await daemon.ready(reactor)
+        print(f"bench: flynnsched (pid {daemon.pid}) on {daemon.url}, engine {docker_host}", file=sys.stderr, flush=True)
         ctx = Context(reactor, docker_host, daemon, engine, label, args.smoke)
         for name, section in SECTIONS.items():
             if name not in args.sections:
