@@ -128,7 +128,7 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def machine(engine_version: dict[str, Any]) -> dict[str, Any]:
+def machine(engine_version: dict[str, Any], load_start: tuple[float, float, float]) -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
@@ -136,7 +136,7 @@ def machine(engine_version: dict[str, Any]) -> dict[str, Any]:
         "docker": engine_version.get("Version"),
         "docker_api": engine_version.get("ApiVersion"),
         "cpu_model": _cpu_model(),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_start": [round(x, 2) for x in load_start],
     }
 
 
@@ -146,6 +146,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     docker_host = find_engine(args.docker)
     label = uuid.uuid4().hex[:12]
     started = time.monotonic()
+    load_start = os.getloadavg()
     engine = engine_client(reactor, docker_host)
     version = await engine.version()
     daemon = Daemon(docker_host)
@@ -183,7 +184,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "profile": profile_name,
         "git": git_state(),
-        "machine": {**machine(version), "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**machine(version, load_start), "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "config": {"profile": profile, "daemon_args": daemon.args, "sections": args.sections},
         "seconds": round(time.monotonic() - started, 1),
         "leftover_containers": leftovers,
