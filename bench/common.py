@@ -248,13 +248,12 @@ def engine_client(reactor: Any, docker_host: str) -> DockerClient:
 
 
 class _Stream(Protocol):
-    """Counts (or keeps) a container's attached output; ``ended`` fires at its end."""
+    """Counts a container's attached output and times its first and last byte; ``ended`` fires at its end."""
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self) -> None:
         self.size = 0
         self.first: float | None = None
         self.last: float | None = None
-        self.kept: list[bytes] | None = [] if keep else None
         self.ended: Deferred[None] = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
@@ -263,8 +262,6 @@ class _Stream(Protocol):
             self.first = now
         self.last = now
         self.size += len(data)
-        if self.kept is not None:
-            self.kept.append(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         if not self.ended.called:
@@ -295,7 +292,7 @@ class RunResult:
         return self.last - self.first
 
 
-async def run_direct(client: DockerClient, cmd: tuple[str, ...], label: str, keep: bool = False) -> RunResult:
+async def run_direct(client: DockerClient, cmd: tuple[str, ...], label: str) -> RunResult:
     """
     Run ``cmd`` the way flynnsched does, straight on the Engine API: create (no network, no
     engine-side log) → attach → start → stream to the end → wait → remove.
