@@ -265,3 +265,24 @@ def test_engine_lost_mid_stream(fake_engine: FakeDockerEngine, clock: Clock) -> 
     clock.advance(REMOVE_RETRY)
     assert fake_engine.containers == {}
     assert runner.stats()["awaiting_removal"] == 0
+
+
+def test_slot_held_until_container_removed(fake_engine: FakeDockerEngine) -> None:
+    """A job answers before its container is removed, but the next job starts only once it is gone."""
+    stub, runner = make_stub(fake_engine, max_running=1, max_queued=1)
+    gate: Deferred[None] = Deferred()
+    remove = fake_engine.remove_container
+    fake_engine.remove_container = lambda cid, force=True: gate.addCallback(  # type: ignore[method-assign]
+        lambda _: remove(cid, force)
+    )
+    first, _ = get(stub, "/batch/flynn/busybox?echo+first")
+    assert first.code == 200
+    second = stub.get("http://flynnsched/batch/flynn/busybox?echo+second")
+    stub.flush()
+    assert runner.stats()["queued"] == 1 and len(fake_engine.containers) == 1
+    fake_engine.remove_container = remove  # type: ignore[method-assign]
+    gate.callback(None)
+    stub.flush()
+    response = result(second)
+    assert result(stub.content(response)) == b"second\n"
+    assert fake_engine.containers == {}
