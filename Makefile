@@ -25,7 +25,7 @@ WEB_STAMP := web/node_modules/.flynnsched-installed
 # (A plain assignment, so that a failing `ensure` stops the recipe; `export X=$$(...)` would hide it.)
 WITH_ENGINE = DOCKER_HOST="$$($(ENGINE) ensure)"; export DOCKER_HOST;
 
-.PHONY: help venv engine engine-stop engine-status images web browser run test bench bench-smoke clean distclean
+.PHONY: help venv typecheck engine engine-stop engine-status images web browser run test bench bench-smoke clean distclean
 
 help:
 	@echo "make run          run flynnsched in the foreground (state in $(STATE_DIR)/)"
@@ -84,9 +84,14 @@ run: venv images web
 	@$(WITH_ENGINE) echo "flynnsched: engine at $$DOCKER_HOST, state in $(STATE_DIR)/" >&2; \
 	    exec $(VENV)/bin/twistd --pidfile= -n flynnsched $(FLYNNSCHED_ARGS)
 
+# The type check and the benchmark smoke run come first, so pytest's summary closes the output.
 test: venv images web browser
-	@$(WITH_ENGINE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory typecheck
 	@$(MAKE) --no-print-directory bench-smoke
+	@$(WITH_ENGINE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+typecheck: venv
+	$(VENV)/bin/mypy flynnsched
 
 bench: venv images web
 	@$(WITH_ENGINE) $(VENV)/bin/python bench/run.py
