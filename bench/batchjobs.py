@@ -31,6 +31,7 @@ from bench.common import (
     rotations,
     run_cli,
     run_direct,
+    send_get,
     summary,
 )
 from bench.report import Row, diff, ratio
@@ -288,22 +289,10 @@ def _slow_read(host: str, port: int, path: str, rate: int, seconds: float) -> di
     """
     sock = socket.create_connection((host, port), timeout=30)
     try:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode("ascii"))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = sock.recv(4096)
-            if not data:
-                raise BenchError(f"the daemon closed the connection before answering {path}")
-            head += data
-        head, _, rest = head.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
+        status, headers, rest = send_get(sock, host, port, path)
         if status != 200:
             raise BenchError(f"GET {path} answered {status}: {rest[:300]!r}")
-        job_id = ""
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"flynn-job-id":
-                job_id = value.strip().decode("ascii")
+        job_id = headers.get(b"flynn-job-id", b"").decode("ascii")
         received = len(rest)
         start = time.monotonic()
         chunk = 16 * 1024

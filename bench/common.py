@@ -414,6 +414,27 @@ class ChunkedCounter:
         return got
 
 
+def send_get(sock: socket.socket, host: str, port: int, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+    """
+    Send ``GET path`` on a connected socket and read the response head (blocking). Returns the
+    status, the headers (lower-case names) and the body bytes that came with the head.
+    """
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode("ascii"))
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise BenchError(f"the connection closed before the response head of {path}")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(b" ", 2)[1]), headers, rest
+
+
 def read_http(host: str, port: int, path: str, read_size: int = 1 << 20) -> tuple[int, RunResult, str, bool]:
     """
     GET ``path`` over a new connection and read the whole body (blocking: call it in a thread), in
@@ -426,20 +447,7 @@ def read_http(host: str, port: int, path: str, read_size: int = 1 << 20) -> tupl
     cpu = time.thread_time()
     sock = socket.create_connection((host, port), timeout=120)
     try:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode("ascii"))
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = sock.recv(65536)
-            if not data:
-                raise BenchError(f"the connection closed before the response head of {path}")
-            buf += data
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
+        status, headers, buf = send_get(sock, host, port, path)
         decoder = ChunkedCounter() if headers.get(b"transfer-encoding", b"").lower() == b"chunked" else None
         size = 0
         first = last = None

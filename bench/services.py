@@ -36,18 +36,20 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 if __name__ == "__main__" and __package__ is None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import treq  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
-from twisted.internet.task import deferLater, react  # noqa: E402
+from twisted.internet.task import react  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
 
 from flynnsched.docker.address import endpoint_factory, parse_engine_address  # noqa: E402
 from flynnsched.docker.client import DockerClient  # noqa: E402
+
+from bench.common import BenchError, poll  # noqa: E402
 from flynnsched.docker.interface import LABEL_JOB_ID, EngineError, Event  # noqa: E402
 from flynnsched.services.store import DB_FILENAME  # noqa: E402
 from flynnsched.services.supervisor import LABEL_OWNER  # noqa: E402
@@ -62,10 +64,6 @@ BENCH_LABEL = "io.flynnsched.bench"
 POLITE = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.2; done"]
 
 
-class BenchError(Exception):
-    """The benchmark could not produce a valid figure."""
-
-
 # -- small helpers --------------------------------------------------------------------------------
 
 
@@ -78,21 +76,6 @@ def _stats(values: list[float]) -> dict[str, Any]:
         "max": round(ordered[-1], 2) if values else None,
         "values": [round(v, 2) for v in values],
     }
-
-
-async def _sleep(reactor: Any, seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def _poll(reactor: Any, predicate: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout} s waiting for {what}")
-        await _sleep(reactor, 0.01)
 
 
 async def _call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
@@ -149,7 +132,7 @@ class _EventLog:
                     return died, event
             return None
 
-        died, started = await _poll(reactor, pair, timeout, "a death and a restart")
+        died, started = await poll(reactor, pair, timeout, "a death and a restart")
         return (started.time_nano - died.time_nano) / 1e6
 
 
@@ -199,7 +182,7 @@ async def bench_restart(reactor: Any, base_url: str, docker_host: str, runs: int
                 code, shown = await _call("GET", f"{base_url}/services/{sid}")
                 return shown["container_id"] if code == 200 and shown["state"] == "running" else None
 
-            await _poll(reactor, service_running, 30, "the service to run")
+            await poll(reactor, service_running, 30, "the service to run")
             baseline = await deferToThread(
                 _docker, docker_host, "run", "-d", "--restart", "always", "--network", "none",
                 "--label", f"{BENCH_LABEL}={label}", IMAGE, "sleep", "100000",
@@ -278,7 +261,7 @@ class _Daemon:
             except Exception:
                 return False
 
-        await _poll(reactor, answers, timeout, "the daemon to answer")
+        await poll(reactor, answers, timeout, "the daemon to answer")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
@@ -344,7 +327,7 @@ async def bench_reconcile(reactor: Any, docker_host: str, services: int = 20, ru
                 return listing
             return None
 
-        listing = await _poll(reactor, lambda: all_running(daemon.url), 120, "every service to run")
+        listing = await poll(reactor, lambda: all_running(daemon.url), 120, "every service to run")
         owner = _owner(state_dir)
         for run in range(runs):
             before = {v["id"]: v["container_id"] for v in listing["services"]}
@@ -358,7 +341,7 @@ async def bench_reconcile(reactor: Any, docker_host: str, services: int = 20, ru
             async def victims_dead() -> bool:
                 return not any([(await client.inspect_container(before[sid])).running for sid in victims])
 
-            await _poll(reactor, victims_dead, 10, "the killed containers to stop")
+            await poll(reactor, victims_dead, 10, "the killed containers to stop")
             began = time.monotonic()
             daemon = _Daemon(docker_host, state_dir)
             await daemon.ready(reactor)
@@ -369,7 +352,7 @@ async def bench_reconcile(reactor: Any, docker_host: str, services: int = 20, ru
                     return listing
                 return None
 
-            listing = await _poll(reactor, revived, 60, "every service to run again")
+            listing = await poll(reactor, revived, 60, "every service to run again")
             result["spawn_to_all_running_s"].append(round(time.monotonic() - began, 3))
             result["reconcile_s"].append(listing["last_reconcile"]["seconds"])
             after = {v["id"]: v["container_id"] for v in listing["services"]}
