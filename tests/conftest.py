@@ -195,6 +195,17 @@ def result(d: Deferred[Any]) -> Any:
     return results[0]
 
 
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    """Cut ``data`` at the given offsets (taken modulo its length, in order)."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks = []
+    start = 0
+    for point in points + [len(data)]:
+        chunks.append(data[start:point])
+        start = point
+    return chunks
+
+
 async def poll(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Call ``predicate`` (sync or async) until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from flynnsched.docker.events import MAX_LINE, EventLineParser, EventParseError, event_from_record
 from flynnsched.docker.interface import Event
 
+from tests.conftest import split_at
+
 # Two lines as the engine (20.10, API 1.41) sent them here, ids shortened.
 DIE_LINE = (
     b'{"status":"die","id":"439f39ecc7ad","from":"flynn/primesum","Type":"container",'
@@ -48,17 +50,6 @@ def to_line(event: Event) -> bytes:
         "timeNano": event.time_nano,
     }
     return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    """Cut ``data`` at the given offsets (taken modulo its length, in order)."""
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    chunks = []
-    start = 0
-    for point in points + [len(data)]:
-        chunks.append(data[start:point])
-        start = point
-    return chunks
 
 
 @given(events=st.lists(events_strategy, max_size=10), cuts=st.lists(st.integers(min_value=0), max_size=30))

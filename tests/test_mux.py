@@ -25,20 +25,11 @@ from flynnsched.docker.mux import (
     encode_frame,
 )
 
+from tests.conftest import split_at
+
 frames_strategy = st.lists(
     st.tuples(st.sampled_from([STDIN, STDOUT, STDERR]), st.binary(max_size=64)), max_size=30
 )
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    """Cut ``data`` at the given offsets (taken modulo its length, in order)."""
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    chunks = []
-    start = 0
-    for point in points + [len(data)]:
-        chunks.append(data[start:point])
-        start = point
-    return chunks
 
 
 def merge_runs(pieces: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
