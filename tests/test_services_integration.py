@@ -299,7 +299,17 @@ def private_engine() -> Iterator[PrivateEngine]:
         yield engine
     finally:
         engine.stop()
+        unmount_below(engine.dir)
         shutil.rmtree(engine.dir, ignore_errors=True)
+
+
+def unmount_below(directory: Path) -> None:
+    """Unmount what a stopped dockerd left below ``directory`` (container layers, its netns), deepest first."""
+    prefix = str(directory.resolve()) + "/"
+    with open("/proc/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @pytest_twisted.ensureDeferred
